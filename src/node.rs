@@ -1,0 +1,528 @@
+//! A running `kvnode`: opens the data dir, decides how each shard starts, runs one Raft group
+//! per shard it replicates, serves gRPC, heartbeats, and stops cleanly.
+//!
+//! Start-up, in order (any failure before serving is a [`StartError`]; the binary exits 2):
+//! 1. The data dir's `IDENTITY` file (node id, cluster name, shard count) must match the config;
+//!    a dir of another node or cluster is refused, never reused.
+//! 2. The WAL is opened and replayed (a torn tail is cut; damage elsewhere refuses to start), and
+//!    sled is opened.
+//! 3. The listener is bound, so "address in use" is reported before anything else happens.
+//! 4. A node with no `IDENTITY` is *fresh*. It asks the shard's other replicas what they hold:
+//!    if one has state, the shard is recovered from it over `Recover` (the node lost its disk);
+//!    if all answer empty, the shard's preferred leader bootstraps the group. `IDENTITY` is
+//!    written before any of that, so an acknowledged write can never sit in a dir without one.
+//! 5. Raft groups start; a group restarted from disk catches up from its leader by itself.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::heartbeat::{self, Health};
+use crate::pb::PingRequest;
+use crate::peers::Peers;
+use crate::placement::Placement;
+use crate::raft::log_store::LogManager;
+use crate::raft::network::ShardNetwork;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::{NodeId, Raft, ShardId};
+use crate::recover;
+use crate::state::{ShardData, StateDb};
+use crate::wal::WalOptions;
+
+const IDENTITY_FILE: &str = "IDENTITY";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("node id {0} is not in the config")]
+    UnknownNode(NodeId),
+    #[error("data dir {path}: {reason}")]
+    DataDir { path: PathBuf, reason: String },
+    #[error("data dir {path} belongs to {found}, but this is {expected}; refusing to use it")]
+    Identity {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("write-ahead log: {0}")]
+    Wal(#[from] crate::wal::WalError),
+    #[error("state: {0}")]
+    State(#[from] crate::state::StateError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What a data dir says about whose it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub node_id: NodeId,
+    pub cluster_name: String,
+    pub shards: u32,
+}
+
+impl std::fmt::Display for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "node {} of cluster \"{}\" with {} shards",
+            self.node_id, self.cluster_name, self.shards
+        )
+    }
+}
+
+fn read_identity(dir: &Path) -> Result<Option<Identity>, StartError> {
+    let path = dir.join(IDENTITY_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str(&text)
+            .map(Some)
+            .map_err(|e| StartError::DataDir {
+                path: path.clone(),
+                reason: format!("unreadable IDENTITY: {}", e.message()),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StartError::DataDir {
+            path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn write_identity(dir: &Path, id: &Identity) -> Result<(), StartError> {
+    let err = |e: std::io::Error| StartError::DataDir {
+        path: dir.to_path_buf(),
+        reason: format!("cannot write IDENTITY: {e}"),
+    };
+    let text = toml::to_string(id).map_err(|e| StartError::Other(e.to_string()))?;
+    let tmp = dir.join("IDENTITY.tmp");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(err)?;
+        f.write_all(text.as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)?;
+    }
+    std::fs::rename(&tmp, dir.join(IDENTITY_FILE)).map_err(err)?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(err)?;
+    Ok(())
+}
+
+/// One shard this node replicates.
+pub struct Shard {
+    pub id: ShardId,
+    pub raft: Raft,
+    pub data: Arc<ShardData>,
+    pub replicas: Vec<NodeId>,
+}
+
+pub struct Node {
+    pub id: NodeId,
+    pub config: Arc<Config>,
+    pub placement: Placement,
+    pub peers: Arc<Peers>,
+    pub health: Arc<Health>,
+    logs: Arc<LogManager>,
+    state: StateDb,
+    shards: RwLock<HashMap<ShardId, Arc<Shard>>>,
+    initialized: std::sync::atomic::AtomicBool,
+    stop_tx: watch::Sender<bool>,
+    /// Last known leader of shards this node forwards for.
+    pub(crate) leader_cache: RwLock<HashMap<ShardId, NodeId>>,
+}
+
+/// How a fresh node starts one shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Plan {
+    /// A replica has state: pull it.
+    Recover(NodeId),
+    /// Nobody has state and this node is the preferred leader: create the group.
+    Bootstrap,
+    /// Nobody has state; another replica bootstraps it.
+    Join,
+}
+
+impl Node {
+    pub fn shard(&self, id: ShardId) -> Option<Arc<Shard>> {
+        self.shards
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .cloned()
+    }
+
+    pub fn shards(&self) -> Vec<Arc<Shard>> {
+        let mut v: Vec<Arc<Shard>> = self
+            .shards
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        v.sort_by_key(|s| s.id);
+        v
+    }
+
+    pub fn is_initialized(&self) -> bool {
+        self.initialized.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn shards_with_state(&self) -> Vec<ShardId> {
+        self.logs.shards_with_state()
+    }
+
+    pub fn stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop_tx.subscribe()
+    }
+
+    fn raft_config(&self) -> Result<Arc<openraft::Config>, StartError> {
+        let c = &self.config;
+        let cfg = openraft::Config {
+            cluster_name: c.cluster_name.clone(),
+            heartbeat_interval: c.raft_heartbeat_ms,
+            election_timeout_min: c.election_timeout_ms,
+            election_timeout_max: c.election_timeout_ms * 2,
+            install_snapshot_timeout: 60_000,
+            // openraft gives one append-entries RPC a raft heartbeat interval to complete; with values
+            // up to 1 MiB, a batch must stay small enough to cross in that time.
+            max_payload_entries: 16,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_logs),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        };
+        cfg.validate()
+            .map(Arc::new)
+            .map_err(|e| StartError::Raft(e.to_string()))
+    }
+
+    /// Opens the data dir and binds the listener; nothing runs yet.
+    pub async fn open(
+        config: Config,
+        id: NodeId,
+        data_dir: &Path,
+    ) -> Result<(Arc<Node>, tokio::net::TcpListener), StartError> {
+        let me = config.node(id).ok_or(StartError::UnknownNode(id))?.clone();
+        std::fs::create_dir_all(data_dir).map_err(|e| StartError::DataDir {
+            path: data_dir.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let expected = Identity {
+            node_id: id,
+            cluster_name: config.cluster_name.clone(),
+            shards: config.shards,
+        };
+        let identity = read_identity(data_dir)?;
+        if let Some(found) = &identity {
+            if *found != expected {
+                return Err(StartError::Identity {
+                    path: data_dir.to_path_buf(),
+                    found: found.to_string(),
+                    expected: expected.to_string(),
+                });
+            }
+        }
+        let logs = LogManager::open(WalOptions {
+            dir: data_dir.join("wal"),
+            fsync: config.fsync,
+            ..Default::default()
+        })?;
+        let state = StateDb::open(&data_dir.join("state"))?;
+        if identity.is_none() && (!logs.shards_with_state().is_empty() || !state.is_empty()) {
+            return Err(StartError::DataDir {
+                path: data_dir.to_path_buf(),
+                reason: "holds data but no IDENTITY file; refusing to guess whose it is".into(),
+            });
+        }
+        let listener = tokio::net::TcpListener::bind(&me.addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: me.addr.clone(),
+                source,
+            })?;
+        let peers =
+            Arc::new(Peers::new(&config, id).map_err(|e| StartError::Other(e.to_string()))?);
+        let health = Arc::new(Health::new(
+            id,
+            &peers,
+            Duration::from_millis(config.failure_timeout_ms),
+        ));
+        let placement =
+            Placement::new(&config.node_ids(), config.shards, config.replication_factor);
+        let (stop_tx, _) = watch::channel(false);
+        let node = Arc::new(Node {
+            id,
+            config: Arc::new(config),
+            placement,
+            peers,
+            health,
+            logs,
+            state,
+            shards: RwLock::new(HashMap::new()),
+            initialized: std::sync::atomic::AtomicBool::new(identity.is_some()),
+            stop_tx,
+            leader_cache: RwLock::new(HashMap::new()),
+        });
+        Ok((node, listener))
+    }
+
+    /// Starts every shard (recovering or bootstrapping a fresh node) and the heartbeat. The gRPC
+    /// server must already be serving: fresh peers ask each other questions during this.
+    pub async fn start(self: &Arc<Self>, data_dir: &Path) -> Result<(), StartError> {
+        let fresh = !self.is_initialized();
+        let mine = self.placement.shards_of(self.id);
+        let plans = if fresh {
+            write_identity(
+                data_dir,
+                &Identity {
+                    node_id: self.id,
+                    cluster_name: self.config.cluster_name.clone(),
+                    shards: self.config.shards,
+                },
+            )?;
+            let plans = self.plan_fresh(&mine).await;
+            self.initialized
+                .store(true, std::sync::atomic::Ordering::Release);
+            plans
+        } else {
+            mine.iter().map(|s| (*s, Plan::Join)).collect()
+        };
+
+        tokio::spawn(heartbeat::run(
+            self.health.clone(),
+            self.peers.clone(),
+            self.config.cluster_name.clone(),
+            Duration::from_millis(self.config.heartbeat_interval_ms),
+            self.stop_signal(),
+        ));
+
+        let raft_config = self.raft_config()?;
+        for (shard, plan) in plans {
+            let data = self.state.shard(shard)?;
+            if let Plan::Recover(peer) = plan {
+                self.recover_before_start(shard, peer, &data).await?;
+            }
+            let replicas = self.placement.replicas(shard).to_vec();
+            let network = ShardNetwork {
+                shard,
+                me: self.id,
+                peers: self.peers.clone(),
+            };
+            let raft = Raft::new(
+                self.id,
+                raft_config.clone(),
+                network,
+                self.logs.shard(shard),
+                StateMachine::new(data.clone()),
+            )
+            .await
+            .map_err(|e| StartError::Raft(format!("shard {shard}: {e}")))?;
+            if plan == Plan::Bootstrap {
+                let members: BTreeMap<NodeId, BasicNode> = replicas
+                    .iter()
+                    .map(|id| {
+                        let addr = if *id == self.id {
+                            self.config.node(*id).map(|n| n.addr.clone())
+                        } else {
+                            self.peers.addr(*id).map(str::to_string)
+                        };
+                        (*id, BasicNode::new(addr.unwrap_or_default()))
+                    })
+                    .collect();
+                if let Err(e) = raft.initialize(members).await {
+                    // Already initialized (e.g. a restart raced us): harmless.
+                    tracing::info!(shard, "bootstrap skipped: {e}");
+                } else {
+                    tracing::info!(
+                        KV_NODE = self.id,
+                        KV_SHARD = shard,
+                        "bootstrapped shard {shard}"
+                    );
+                }
+            }
+            tokio::spawn(watch_leadership(self.id, shard, raft.clone()));
+            let entry = Arc::new(Shard {
+                id: shard,
+                raft,
+                data,
+                replicas,
+            });
+            self.shards
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(shard, entry);
+        }
+        Ok(())
+    }
+
+    /// Asks the other replicas of each shard what they hold, until every shard has a plan.
+    async fn plan_fresh(&self, mine: &[ShardId]) -> Vec<(ShardId, Plan)> {
+        let mut waited = 0u32;
+        loop {
+            let mut answers: HashMap<NodeId, Vec<ShardId>> = HashMap::new();
+            for p in self.peers.iter() {
+                let Some(mut client) = self.peers.cluster(p.id) else {
+                    continue;
+                };
+                let mut req = tonic::Request::new(PingRequest {
+                    from: self.id,
+                    cluster_name: self.config.cluster_name.clone(),
+                });
+                req.set_timeout(Duration::from_millis(500));
+                if let Ok(r) = client.ping(req).await {
+                    let r = r.into_inner();
+                    if r.cluster_name != self.config.cluster_name {
+                        tracing::error!(
+                            peer = p.id,
+                            "peer belongs to cluster \"{}\", not \"{}\"; ignoring it",
+                            r.cluster_name,
+                            self.config.cluster_name
+                        );
+                        continue;
+                    }
+                    answers.insert(p.id, r.shards_with_state);
+                }
+            }
+            let mut plans = Vec::new();
+            for &shard in mine {
+                let others: Vec<NodeId> = self
+                    .placement
+                    .replicas(shard)
+                    .iter()
+                    .copied()
+                    .filter(|r| *r != self.id)
+                    .collect();
+                let holder = others
+                    .iter()
+                    .find(|r| answers.get(r).is_some_and(|s| s.contains(&shard)));
+                if let Some(h) = holder {
+                    plans.push((shard, Plan::Recover(*h)));
+                } else if others.iter().all(|r| answers.contains_key(r)) {
+                    let plan = if self.placement.preferred_leader(shard) == self.id {
+                        Plan::Bootstrap
+                    } else {
+                        Plan::Join
+                    };
+                    plans.push((shard, plan));
+                }
+            }
+            if plans.len() == mine.len() {
+                return plans;
+            }
+            if waited % 20 == 0 {
+                tracing::info!(
+                    answered = answers.len(),
+                    "fresh data dir: waiting for the other replicas to answer before joining"
+                );
+            }
+            waited += 1;
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
+    /// Fills an empty shard from `peer` before its Raft group starts (a node that lost its disk).
+    async fn recover_before_start(
+        &self,
+        shard: ShardId,
+        mut peer: NodeId,
+        data: &ShardData,
+    ) -> Result<(), StartError> {
+        let mut attempt = 0u32;
+        loop {
+            match recover::pull(&self.peers, self.id, peer, shard, data).await {
+                Ok(p) => {
+                    let Some(upto) = p.header.last_applied else {
+                        // The peer has a group but nothing applied yet: just join it.
+                        return Ok(());
+                    };
+                    let applied = crate::state::Applied {
+                        last_applied: Some(upto),
+                        membership: p.header.membership.clone(),
+                        consistent_from: p.received.consistent_from,
+                    };
+                    data.finish_install(p.received.staging, &applied)?;
+                    data.save_snapshot_meta(&crate::raft::SnapshotMeta {
+                        last_log_id: Some(upto),
+                        last_membership: p.header.membership,
+                        snapshot_id: crate::raft::state_machine::snapshot_id(Some(upto)),
+                    })?;
+                    data.flush()?;
+                    // Adopt the sender's vote (not committed), so this node does not vote twice
+                    // in a term it may have voted in before it lost its disk.
+                    let vote = p
+                        .header
+                        .vote
+                        .map(|v| openraft::Vote::new(v.leader_id.term, v.leader_id.node_id));
+                    self.logs.seed(shard, vote, upto).await?;
+                    recover::log_done(self.id, peer, shard, p.keys, p.bytes, p.started);
+                    return Ok(());
+                }
+                Err(e) => {
+                    attempt += 1;
+                    tracing::warn!(shard, peer, attempt, "recover failed, retrying: {e}");
+                    // Try the shard's other replicas in turn.
+                    let others: Vec<NodeId> = self
+                        .placement
+                        .replicas(shard)
+                        .iter()
+                        .copied()
+                        .filter(|r| *r != self.id)
+                        .collect();
+                    if !others.is_empty() {
+                        peer = others[attempt as usize % others.len()];
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    /// Graceful stop: Raft groups shut down, sled flushed, WAL closed.
+    pub async fn shutdown(&self) {
+        let _ = self.stop_tx.send(true);
+        for shard in self.shards() {
+            if let Err(e) = shard.raft.shutdown().await {
+                tracing::warn!(shard = shard.id, "raft shutdown: {e}");
+            }
+        }
+        if let Err(e) = self.state.flush() {
+            tracing::error!("flushing state on shutdown: {e}");
+        }
+        self.logs.wal().close();
+    }
+}
+
+/// Logs `leader_elected` each time this node becomes a shard's leader.
+async fn watch_leadership(me: NodeId, shard: ShardId, raft: Raft) {
+    let mut rx = raft.metrics();
+    let mut logged_term = None;
+    loop {
+        {
+            let m = rx.borrow_and_update();
+            if m.current_leader == Some(me) && logged_term != Some(m.current_term) {
+                logged_term = Some(m.current_term);
+                tracing::info!(
+                    KV_EVENT = "leader_elected",
+                    KV_NODE = me,
+                    KV_SHARD = shard,
+                    term = m.current_term,
+                    "became leader of shard {shard} in term {}",
+                    m.current_term
+                );
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

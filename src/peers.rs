@@ -1,0 +1,86 @@
+//! Connections to the other nodes: one lazily-connected HTTP/2 channel per peer, shared by every
+//! shard's Raft traffic, heartbeats, recovery streams and forwarded client requests.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::Config;
+use crate::pb::cluster_client::ClusterClient;
+use crate::pb::key_value_client::KeyValueClient;
+use crate::raft::NodeId;
+
+/// Largest gRPC message we send or accept: a Raft batch of large values, or a recovery chunk.
+pub const MAX_MESSAGE: usize = 256 * 1024 * 1024;
+
+/// HTTP/2 flow-control windows: the 64 KiB default throttles megabyte-sized Raft batches.
+pub const STREAM_WINDOW: u32 = 8 * 1024 * 1024;
+pub const CONNECTION_WINDOW: u32 = 32 * 1024 * 1024;
+
+pub struct Peer {
+    pub id: NodeId,
+    pub addr: String,
+    channel: Channel,
+}
+
+pub struct Peers {
+    map: BTreeMap<NodeId, Peer>,
+}
+
+/// Builds a lazily-connecting channel to `addr` ("host:port").
+pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(connect_timeout)
+        .tcp_nodelay(true)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy())
+}
+
+impl Peers {
+    pub fn new(config: &Config, me: NodeId) -> Result<Peers, tonic::transport::Error> {
+        let mut map = BTreeMap::new();
+        for n in &config.nodes {
+            if n.id == me {
+                continue;
+            }
+            let channel = channel(&n.addr, Duration::from_millis(500))?;
+            map.insert(
+                n.id,
+                Peer {
+                    id: n.id,
+                    addr: n.addr.clone(),
+                    channel,
+                },
+            );
+        }
+        Ok(Peers { map })
+    }
+
+    pub fn cluster(&self, id: NodeId) -> Option<ClusterClient<Channel>> {
+        self.map.get(&id).map(|p| {
+            ClusterClient::new(p.channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE)
+        })
+    }
+
+    pub fn kv(&self, id: NodeId) -> Option<KeyValueClient<Channel>> {
+        self.map.get(&id).map(|p| {
+            KeyValueClient::new(p.channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE)
+        })
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Peer> {
+        self.map.values()
+    }
+
+    pub fn addr(&self, id: NodeId) -> Option<&str> {
+        self.map.get(&id).map(|p| p.addr.as_str())
+    }
+}

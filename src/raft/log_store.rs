@@ -1,0 +1,423 @@
+//! The Raft log and vote of every shard, kept in the node's one write-ahead log.
+//!
+//! Each shard's group gets a [`ShardLog`] (openraft's `RaftLogStorage`) backed by the shared
+//! [`Wal`]: entries, votes, truncations and purges of all shards are records in one sequential
+//! log, so one fsync (group commit) makes many shards' appends durable at once.
+//!
+//! Promises:
+//! - `save_vote` returns only once the vote is on disk; `append` reports completion to openraft
+//!   only after the fsync that covers it. Because the WAL is sequential, a record that survives a
+//!   crash implies every record before it survived too.
+//! - Memory is bounded: positions of live entries are indexed, but only the newest
+//!   [`CACHED_ENTRIES`] per shard are kept decoded; older ones are read back from the WAL.
+//! - Segment files are removed once every shard has purged the entries in them; before that, a
+//!   checkpoint record per shard restates its vote, committed and purged ids, so removal never
+//!   loses them.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{ErrorSubject, ErrorVerb, RaftLogReader};
+use serde::{Deserialize, Serialize};
+
+use super::{storage_err, Entry, LogId, ShardId, StorageError, TypeConfig, Vote};
+use crate::wal::{Wal, WalError, WalOptions, WalPos};
+
+/// Decoded entries kept in memory per shard; older ones are re-read from disk on demand.
+pub const CACHED_ENTRIES: usize = 4096;
+
+#[derive(Serialize, Deserialize)]
+enum Record {
+    Entry {
+        shard: ShardId,
+        entry: Entry,
+    },
+    Vote {
+        shard: ShardId,
+        vote: Vote,
+    },
+    Committed {
+        shard: ShardId,
+        log_id: Option<LogId>,
+    },
+    /// Deletes entries with index >= since.
+    Truncate {
+        shard: ShardId,
+        since: u64,
+    },
+    /// Deletes entries up to and including `upto`.
+    Purge {
+        shard: ShardId,
+        upto: LogId,
+    },
+    /// Restates a shard's small state so older segments can be removed.
+    Checkpoint {
+        shard: ShardId,
+        vote: Option<Vote>,
+        committed: Option<LogId>,
+        last_purged: Option<LogId>,
+    },
+}
+
+struct Slot {
+    pos: WalPos,
+    log_id: LogId,
+    cached: Option<Entry>,
+}
+
+#[derive(Default)]
+struct ShardState {
+    vote: Option<Vote>,
+    committed: Option<LogId>,
+    last_purged: Option<LogId>,
+    entries: BTreeMap<u64, Slot>,
+}
+
+impl ShardState {
+    fn insert(&mut self, pos: WalPos, entry: Entry) {
+        let index = entry.log_id.index;
+        // A new entry at `index` replaces any conflicting suffix (openraft truncates first, but
+        // replay must be robust to either order).
+        let _ = self.entries.split_off(&index);
+        self.entries.insert(
+            index,
+            Slot {
+                pos,
+                log_id: entry.log_id,
+                cached: Some(entry),
+            },
+        );
+        if let Some(old) = index.checked_sub(CACHED_ENTRIES as u64) {
+            if let Some(slot) = self.entries.get_mut(&old) {
+                slot.cached = None;
+            }
+        }
+    }
+
+    fn purge(&mut self, upto: LogId) {
+        let keep = self.entries.split_off(&(upto.index + 1));
+        self.entries = keep;
+        if self.last_purged.map_or(true, |p| p.index < upto.index) {
+            self.last_purged = Some(upto);
+        }
+    }
+
+    fn has_state(&self) -> bool {
+        self.vote.is_some() || self.last_purged.is_some() || !self.entries.is_empty()
+    }
+}
+
+/// All shards' logs over one WAL.
+pub struct LogManager {
+    wal: Wal,
+    shards: Mutex<HashMap<ShardId, Arc<Mutex<ShardState>>>>,
+    /// Segments before this one are already removed.
+    gc_floor: Mutex<u64>,
+}
+
+impl LogManager {
+    /// Opens the WAL and rebuilds every shard's log from it.
+    pub fn open(opts: WalOptions) -> Result<Arc<LogManager>, WalError> {
+        let mut states: HashMap<ShardId, ShardState> = HashMap::new();
+        let wal = Wal::open(opts, |pos, bytes| {
+            let rec: Record = bincode::deserialize(bytes)
+                .map_err(|e| format!("undecodable record at {pos:?}: {e}"))?;
+            match rec {
+                Record::Entry { shard, entry } => {
+                    states.entry(shard).or_default().insert(pos, entry)
+                }
+                Record::Vote { shard, vote } => states.entry(shard).or_default().vote = Some(vote),
+                Record::Committed { shard, log_id } => {
+                    states.entry(shard).or_default().committed = log_id
+                }
+                Record::Truncate { shard, since } => {
+                    let _ = states.entry(shard).or_default().entries.split_off(&since);
+                }
+                Record::Purge { shard, upto } => states.entry(shard).or_default().purge(upto),
+                Record::Checkpoint {
+                    shard,
+                    vote,
+                    committed,
+                    last_purged,
+                } => {
+                    let s = states.entry(shard).or_default();
+                    s.vote = vote;
+                    s.committed = committed;
+                    if let Some(p) = last_purged {
+                        s.purge(p);
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        let shards = states
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(Mutex::new(v))))
+            .collect();
+        Ok(Arc::new(LogManager {
+            wal,
+            shards: Mutex::new(shards),
+            gc_floor: Mutex::new(0),
+        }))
+    }
+
+    /// The log store of one shard (created empty if the WAL has nothing for it).
+    pub fn shard(self: &Arc<Self>, shard: ShardId) -> ShardLog {
+        let state = lock(&self.shards).entry(shard).or_default().clone();
+        ShardLog {
+            shard,
+            state,
+            mgr: self.clone(),
+        }
+    }
+
+    /// Shards that have any Raft state on this node.
+    pub fn shards_with_state(&self) -> Vec<ShardId> {
+        let mut v: Vec<ShardId> = lock(&self.shards)
+            .iter()
+            .filter(|(_, s)| lock(s).has_state())
+            .map(|(k, _)| *k)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Seeds an empty shard log as "purged up to `upto`" with `vote`: the log half of installing
+    /// a recovered snapshot before the shard's Raft group starts.
+    pub async fn seed(
+        self: &Arc<Self>,
+        shard: ShardId,
+        vote: Option<Vote>,
+        upto: LogId,
+    ) -> Result<(), WalError> {
+        let log = self.shard(shard);
+        let rec = {
+            let mut s = lock(&log.state);
+            s.entries.clear();
+            s.purge(upto);
+            s.vote = vote;
+            s.committed = Some(upto);
+            Record::Checkpoint {
+                shard,
+                vote: s.vote,
+                committed: s.committed,
+                last_purged: s.last_purged,
+            }
+        };
+        self.wal.append(&[&encode(&rec)])?;
+        self.wal.sync().await
+    }
+
+    pub fn wal(&self) -> &Wal {
+        &self.wal
+    }
+
+    /// Removes WAL segments no shard needs any more.
+    async fn gc(&self) -> Result<(), WalError> {
+        let shards: Vec<(ShardId, Arc<Mutex<ShardState>>)> = lock(&self.shards)
+            .iter()
+            .map(|(k, v)| (*k, v.clone()))
+            .collect();
+        let mut oldest_needed = self.wal.next_pos();
+        for (_, s) in &shards {
+            if let Some((_, slot)) = lock(s).entries.first_key_value() {
+                oldest_needed = oldest_needed.min(slot.pos);
+            }
+        }
+        if oldest_needed.segment <= *lock(&self.gc_floor) {
+            return Ok(());
+        }
+        // Restate every shard's small state after the segments we are about to drop.
+        let recs: Vec<Vec<u8>> = shards
+            .iter()
+            .map(|(shard, s)| {
+                let s = lock(s);
+                encode(&Record::Checkpoint {
+                    shard: *shard,
+                    vote: s.vote,
+                    committed: s.committed,
+                    last_purged: s.last_purged,
+                })
+            })
+            .collect();
+        let refs: Vec<&[u8]> = recs.iter().map(|r| r.as_slice()).collect();
+        self.wal.append(&refs)?;
+        self.wal.sync().await?;
+        let removed = self.wal.remove_segments_before(oldest_needed)?;
+        *lock(&self.gc_floor) = oldest_needed.segment;
+        if removed > 0 {
+            tracing::debug!(
+                removed,
+                before = oldest_needed.segment,
+                "removed WAL segments"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// One shard's view of the log: openraft's log storage and log reader.
+#[derive(Clone)]
+pub struct ShardLog {
+    shard: ShardId,
+    state: Arc<Mutex<ShardState>>,
+    mgr: Arc<LogManager>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock means a panic while holding it; the data is plain state, keep going.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn encode(rec: &Record) -> Vec<u8> {
+    // Our own serde types always serialize into a Vec.
+    bincode::serialize(rec).unwrap_or_default()
+}
+
+fn write_err(e: impl std::fmt::Display) -> StorageError {
+    storage_err(ErrorSubject::Logs, ErrorVerb::Write, e)
+}
+
+fn read_err(e: impl std::fmt::Display) -> StorageError {
+    storage_err(ErrorSubject::Logs, ErrorVerb::Read, e)
+}
+
+impl ShardLog {
+    fn append_records(&self, recs: &[Record]) -> Result<Vec<WalPos>, StorageError> {
+        let bufs: Vec<Vec<u8>> = recs.iter().map(encode).collect();
+        let refs: Vec<&[u8]> = bufs.iter().map(|b| b.as_slice()).collect();
+        self.mgr.wal.append(&refs).map_err(write_err)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for ShardLog {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let s = lock(&self.state);
+        let mut out = Vec::new();
+        for (_, slot) in s.entries.range(range) {
+            match &slot.cached {
+                Some(e) => out.push(e.clone()),
+                None => {
+                    let bytes = self.mgr.wal.read(slot.pos).map_err(read_err)?;
+                    match bincode::deserialize::<Record>(&bytes) {
+                        Ok(Record::Entry { entry, .. }) if entry.log_id == slot.log_id => {
+                            out.push(entry)
+                        }
+                        Ok(_) => {
+                            return Err(read_err(format!(
+                                "WAL record at {:?} is not entry {}",
+                                slot.pos, slot.log_id
+                            )))
+                        }
+                        Err(e) => return Err(read_err(e)),
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for ShardLog {
+    type LogReader = ShardLog;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let s = lock(&self.state);
+        let last = s.entries.last_key_value().map(|(_, slot)| slot.log_id);
+        Ok(LogState {
+            last_purged_log_id: s.last_purged,
+            last_log_id: last.or(s.last_purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        self.append_records(&[Record::Vote {
+            shard: self.shard,
+            vote: *vote,
+        }])?;
+        lock(&self.state).vote = Some(*vote);
+        self.mgr
+            .wal
+            .sync()
+            .await
+            .map_err(|e| storage_err(ErrorSubject::Vote, ErrorVerb::Write, e))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        Ok(lock(&self.state).vote)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // No fsync: losing it only means re-learning the commit index from the leader.
+        self.append_records(&[Record::Committed {
+            shard: self.shard,
+            log_id: committed,
+        }])?;
+        lock(&self.state).committed = committed;
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(lock(&self.state).committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        {
+            let mut s = lock(&self.state);
+            for entry in entries {
+                let rec = Record::Entry {
+                    shard: self.shard,
+                    entry,
+                };
+                let buf = encode(&rec);
+                let pos = self.mgr.wal.append(&[&buf]).map_err(write_err)?;
+                let Some(pos) = pos.first().copied() else {
+                    return Err(write_err("WAL returned no position"));
+                };
+                if let Record::Entry { entry, .. } = rec {
+                    s.insert(pos, entry);
+                }
+            }
+        }
+        self.mgr.wal.flush(Box::new(move |r| {
+            callback.log_io_completed(r.map_err(|e| std::io::Error::other(e.to_string())))
+        }));
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.append_records(&[Record::Truncate {
+            shard: self.shard,
+            since: log_id.index,
+        }])?;
+        let _ = lock(&self.state).entries.split_off(&log_id.index);
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.append_records(&[Record::Purge {
+            shard: self.shard,
+            upto: log_id,
+        }])?;
+        lock(&self.state).purge(log_id);
+        self.mgr.gc().await.map_err(write_err)
+    }
+}

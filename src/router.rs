@@ -1,0 +1,309 @@
+//! Routing a client request to the shard's leader: any node accepts any key.
+//!
+//! The node that receives a request executes it locally when it leads the key's shard; otherwise
+//! it forwards it to the leader it knows of — exactly one hop, marked with the `kv-forwarded`
+//! header so the receiver never forwards again but answers "not leader" with a hint
+//! (`kv-leader`). The origin retries with the hint, or with backoff while a new leader is being
+//! elected, until the request's deadline: a client sees success, not an error, when an owner dies.
+//!
+//! Retrying is safe because every command is a blind write; the one visible effect is that a
+//! retried `Delete` whose first attempt did commit reports `deleted=false`.
+
+use std::time::{Duration, Instant};
+
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use tonic::Status;
+
+use crate::node::{Node, Shard};
+use crate::pb::{DeleteRequest, GetRequest, PutRequest};
+use crate::raft::{Command, CommandResult, NodeId, ShardId};
+
+pub const FORWARDED: &str = "kv-forwarded";
+pub const LEADER_HINT: &str = "kv-leader";
+
+#[derive(Clone, Debug)]
+pub enum Op {
+    Put { key: Vec<u8>, value: Vec<u8> },
+    Delete { key: Vec<u8> },
+    Get { key: Vec<u8>, stale: bool },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Put,
+    Delete { existed: bool },
+    Get { value: Option<Vec<u8>> },
+}
+
+impl Op {
+    fn key(&self) -> &[u8] {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } | Op::Get { key, .. } => key,
+        }
+    }
+    fn is_stale_read(&self) -> bool {
+        matches!(self, Op::Get { stale: true, .. })
+    }
+}
+
+/// Why a local attempt did not produce an outcome.
+enum LocalError {
+    NotLeader(Option<NodeId>),
+    Unavailable(String),
+}
+
+impl Node {
+    /// Executes `op` on behalf of a client, from any node.
+    pub async fn execute(
+        &self,
+        op: Op,
+        forwarded: bool,
+        deadline: Instant,
+    ) -> Result<(Outcome, NodeId), Status> {
+        let shard_id = self.placement.shard_for_key(op.key());
+        let local = self.shard(shard_id);
+        if forwarded {
+            // The origin chose us as the leader; answer or say who is.
+            let Some(shard) = local else {
+                return Err(not_leader(self.id, shard_id, None));
+            };
+            return match self.exec_local(&shard, &op, deadline).await {
+                Ok(o) => Ok((o, self.id)),
+                Err(LocalError::NotLeader(hint)) => Err(not_leader(self.id, shard_id, hint)),
+                Err(LocalError::Unavailable(m)) => Err(Status::unavailable(m)),
+            };
+        }
+
+        let replicas = self.placement.replicas(shard_id).to_vec();
+        let mut hint: Option<NodeId> = None;
+        let mut last_error = String::from("no attempt made");
+        for attempt in 0u32.. {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let target = match (&local, op.is_stale_read()) {
+                (Some(_), true) => self.id,
+                _ => hint
+                    .or_else(|| {
+                        local
+                            .as_ref()
+                            .and_then(|s| s.raft.metrics().borrow().current_leader)
+                    })
+                    .or_else(|| self.cached_leader(shard_id))
+                    .unwrap_or_else(|| {
+                        let up: Vec<NodeId> = replicas
+                            .iter()
+                            .copied()
+                            .filter(|r| self.health.is_up(*r) || *r == self.id)
+                            .collect();
+                        let pool = if up.is_empty() { &replicas } else { &up };
+                        pool[attempt as usize % pool.len()]
+                    }),
+            };
+            hint = None;
+            if target == self.id {
+                if let Some(shard) = &local {
+                    match self.exec_local(shard, &op, deadline).await {
+                        Ok(o) => return Ok((o, self.id)),
+                        Err(LocalError::NotLeader(h)) => {
+                            hint = h.filter(|h| *h != self.id);
+                            last_error =
+                                format!("node {} is not the leader of shard {shard_id}", self.id);
+                        }
+                        Err(LocalError::Unavailable(m)) => last_error = m,
+                    }
+                }
+            } else {
+                match self.exec_remote(target, &op, deadline).await {
+                    Ok(r) => {
+                        self.remember_leader(shard_id, target);
+                        return Ok(r);
+                    }
+                    Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(s),
+                    Err(s) => {
+                        self.forget_leader(shard_id, target);
+                        hint = s
+                            .metadata()
+                            .get(LEADER_HINT)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse().ok())
+                            .filter(|h| *h != target);
+                        last_error = format!("node {target}: {}", s.message());
+                    }
+                }
+            }
+            if hint.is_none() {
+                // A leader is being elected, or the target is down: back off a little.
+                let backoff = Duration::from_millis((20u64 << attempt.min(4)).min(300));
+                tokio::time::sleep(backoff.min(deadline.saturating_duration_since(Instant::now())))
+                    .await;
+            }
+        }
+        Err(Status::unavailable(format!(
+            "shard {shard_id}: no leader answered before the deadline (last error: {last_error})"
+        )))
+    }
+
+    async fn exec_local(
+        &self,
+        shard: &Shard,
+        op: &Op,
+        deadline: Instant,
+    ) -> Result<Outcome, LocalError> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let timed_out = || {
+            LocalError::Unavailable(format!(
+                "shard {}: timed out waiting for a quorum",
+                shard.id
+            ))
+        };
+        match op {
+            Op::Put { .. } | Op::Delete { .. } => {
+                let cmd = match op {
+                    Op::Put { key, value } => Command::Put {
+                        key: key.clone(),
+                        value: value.clone(),
+                    },
+                    Op::Delete { key } | Op::Get { key, .. } => {
+                        Command::Delete { key: key.clone() }
+                    }
+                };
+                let res = tokio::time::timeout(remaining, shard.raft.client_write(cmd))
+                    .await
+                    .map_err(|_| timed_out())?;
+                match res {
+                    Ok(resp) => Ok(match resp.data {
+                        CommandResult::Delete { existed } => Outcome::Delete { existed },
+                        _ => Outcome::Put,
+                    }),
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                        Err(LocalError::NotLeader(f.leader_id))
+                    }
+                    Err(e) => Err(LocalError::Unavailable(format!("shard {}: {e}", shard.id))),
+                }
+            }
+            Op::Get { key, stale } => {
+                if *stale {
+                    let applied = shard
+                        .data
+                        .applied()
+                        .map_err(|e| LocalError::Unavailable(e.to_string()))?;
+                    let at = applied.last_applied.map_or(0, |l| l.index);
+                    if at < applied.consistent_from {
+                        return Err(LocalError::Unavailable(format!(
+                            "shard {} is still catching up after recovery ({at} < {})",
+                            shard.id, applied.consistent_from
+                        )));
+                    }
+                } else {
+                    let res = tokio::time::timeout(remaining, shard.raft.ensure_linearizable())
+                        .await
+                        .map_err(|_| timed_out())?;
+                    match res {
+                        Ok(_) => {}
+                        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                            return Err(LocalError::NotLeader(f.leader_id))
+                        }
+                        Err(e) => {
+                            return Err(LocalError::Unavailable(format!("shard {}: {e}", shard.id)))
+                        }
+                    }
+                }
+                let value = shard
+                    .data
+                    .get(key)
+                    .map_err(|e| LocalError::Unavailable(e.to_string()))?;
+                Ok(Outcome::Get { value })
+            }
+        }
+    }
+
+    async fn exec_remote(
+        &self,
+        target: NodeId,
+        op: &Op,
+        deadline: Instant,
+    ) -> Result<(Outcome, NodeId), Status> {
+        let mut client = self
+            .peers
+            .kv(target)
+            .ok_or_else(|| Status::unavailable(format!("node {target} is not in the config")))?;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        fn req<T>(msg: T, remaining: Duration) -> tonic::Request<T> {
+            let mut r = tonic::Request::new(msg);
+            r.set_timeout(remaining);
+            r.metadata_mut()
+                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+            r
+        }
+        match op {
+            Op::Put { key, value } => {
+                let r = client
+                    .put(req(
+                        PutRequest {
+                            key: key.clone(),
+                            value: value.clone(),
+                        },
+                        remaining,
+                    ))
+                    .await?
+                    .into_inner();
+                Ok((Outcome::Put, r.node_id))
+            }
+            Op::Delete { key } => {
+                let r = client
+                    .delete(req(DeleteRequest { key: key.clone() }, remaining))
+                    .await?
+                    .into_inner();
+                Ok((Outcome::Delete { existed: r.deleted }, r.node_id))
+            }
+            Op::Get { key, stale } => {
+                let r = client
+                    .get(req(
+                        GetRequest {
+                            key: key.clone(),
+                            stale: *stale,
+                        },
+                        remaining,
+                    ))
+                    .await?
+                    .into_inner();
+                let value = r.found.then_some(r.value);
+                Ok((Outcome::Get { value }, r.node_id))
+            }
+        }
+    }
+
+    fn cached_leader(&self, shard: ShardId) -> Option<NodeId> {
+        self.leader_cache
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&shard)
+            .copied()
+    }
+
+    fn remember_leader(&self, shard: ShardId, leader: NodeId) {
+        self.leader_cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(shard, leader);
+    }
+
+    fn forget_leader(&self, shard: ShardId, leader: NodeId) {
+        let mut c = self.leader_cache.write().unwrap_or_else(|p| p.into_inner());
+        if c.get(&shard) == Some(&leader) {
+            c.remove(&shard);
+        }
+    }
+}
+
+fn not_leader(me: NodeId, shard: ShardId, hint: Option<NodeId>) -> Status {
+    let mut s = Status::unavailable(format!("node {me} is not the leader of shard {shard}"));
+    if let Some(h) = hint {
+        if let Ok(v) = h.to_string().parse() {
+            s.metadata_mut().insert(LEADER_HINT, v);
+        }
+    }
+    s
+}

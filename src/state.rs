@@ -1,0 +1,301 @@
+//! The shards' data: one sled tree per shard, holding the user's keys and the shard's applied
+//! state, always written together in one atomic sled batch.
+//!
+//! Promises:
+//! - The tree's content is exactly the result of applying the log up to the recorded applied log
+//!   id (or, right after a snapshot install, a fuzzy state at or after it: see [`crate::raft`]).
+//! - sled flushes lazily, so after a crash the tree may be behind the WAL; the node then replays
+//!   the WAL from the recorded applied index. Nothing is ever acknowledged on sled alone.
+//! - A snapshot install is atomic: it fills a fresh tree (a new *generation*) and only then swaps
+//!   the shard's generation pointer, so a crash mid-install leaves the old state intact.
+//!
+//! Layout: tree `shard-<id>-g<gen>` holds user key `k` as `b"d" + k` and the applied state under
+//! `b"m/applied"`; the `meta` tree holds `gen/<id>` (the live generation) and `snap/<id>` (the
+//! last snapshot's meta).
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::raft::{LogId, ShardId, SnapshotMeta, StoredMembership};
+
+const DATA_PREFIX: &[u8] = b"d";
+const APPLIED_KEY: &[u8] = b"m/applied";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt state record {what}: {reason}")]
+    Corrupt { what: String, reason: String },
+}
+
+/// What a shard's tree says about how far it has applied the log.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Applied {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership,
+    /// After a fuzzy snapshot install the tree may hold writes up to this index; stale reads wait
+    /// until the shard has applied at least this far, so they never go back in time.
+    pub consistent_from: u64,
+}
+
+/// The node's sled database.
+#[derive(Clone)]
+pub struct StateDb {
+    db: sled::Db,
+    meta: sled::Tree,
+}
+
+impl StateDb {
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .mode(sled::Mode::HighThroughput)
+            .open()?;
+        let meta = db.open_tree("meta")?;
+        Ok(StateDb { db, meta })
+    }
+
+    /// Opens shard `shard`'s live tree and drops leftovers of an interrupted install.
+    pub fn shard(&self, shard: ShardId) -> Result<Arc<ShardData>, StateError> {
+        let gen = match self.meta.get(gen_key(shard))? {
+            Some(v) => decode::<u64>(&v, "generation")?,
+            None => 0,
+        };
+        let live = tree_name(shard, gen);
+        let prefix = format!("shard-{shard}-g");
+        for name in self.db.tree_names() {
+            if name.starts_with(prefix.as_bytes()) && name.as_ref() != live.as_bytes() {
+                self.db.drop_tree(&name)?;
+            }
+        }
+        let tree = self.db.open_tree(&live)?;
+        Ok(Arc::new(ShardData {
+            shard,
+            db: self.clone(),
+            live: RwLock::new(Live { tree, gen }),
+        }))
+    }
+
+    pub fn flush(&self) -> Result<(), StateError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Whether any shard has state in this database.
+    pub fn is_empty(&self) -> bool {
+        self.meta.is_empty() && self.db.tree_names().len() <= 2
+    }
+}
+
+struct Live {
+    tree: sled::Tree,
+    gen: u64,
+}
+
+/// One shard's data, shared by its state machine (writer) and the read path.
+pub struct ShardData {
+    pub shard: ShardId,
+    db: StateDb,
+    live: RwLock<Live>,
+}
+
+/// A command's effect, as the state machine hands it to [`ShardData::apply`].
+pub enum Op<'a> {
+    Put(&'a [u8], &'a [u8]),
+    Delete(&'a [u8]),
+}
+
+impl ShardData {
+    fn tree(&self) -> sled::Tree {
+        // A poisoned lock only means a panic elsewhere; the tree handle itself is still valid.
+        match self.live.read() {
+            Ok(l) => l.tree.clone(),
+            Err(p) => p.into_inner().tree.clone(),
+        }
+    }
+
+    pub fn applied(&self) -> Result<Applied, StateError> {
+        match self.tree().get(APPLIED_KEY)? {
+            Some(v) => decode(&v, "applied"),
+            None => Ok(Applied::default()),
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
+        Ok(self.tree().get(data_key(key))?.map(|v| v.to_vec()))
+    }
+
+    /// Applies `ops` and the new applied state in one atomic batch. Returns, for each delete, whether
+    /// the key existed (in op order, `None` for puts).
+    pub fn apply(
+        &self,
+        ops: &[Op<'_>],
+        applied: &Applied,
+    ) -> Result<Vec<Option<bool>>, StateError> {
+        let tree = self.tree();
+        let mut batch = sled::Batch::default();
+        // Within one batch a later op must see an earlier one's effect.
+        let mut overlay: std::collections::HashMap<&[u8], bool> = Default::default();
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                Op::Put(k, v) => {
+                    batch.insert(data_key(k), *v);
+                    overlay.insert(k, true);
+                    out.push(None);
+                }
+                Op::Delete(k) => {
+                    let existed = match overlay.get(k) {
+                        Some(e) => *e,
+                        None => tree.contains_key(data_key(k))?,
+                    };
+                    batch.remove(data_key(k));
+                    overlay.insert(k, false);
+                    out.push(Some(existed));
+                }
+            }
+        }
+        batch.insert(APPLIED_KEY, encode(applied));
+        tree.apply_batch(batch)?;
+        Ok(out)
+    }
+
+    /// Records a new applied state without data changes (blank and membership entries).
+    pub fn set_applied(&self, applied: &Applied) -> Result<(), StateError> {
+        self.tree().insert(APPLIED_KEY, encode(applied))?;
+        Ok(())
+    }
+
+    /// Iterates the user data from `after` (exclusive), in key order. Not point-in-time: see the
+    /// fuzzy-snapshot argument in [`crate::raft`].
+    pub fn scan_from(
+        &self,
+        after: Option<&[u8]>,
+    ) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), StateError>> {
+        let tree = self.tree();
+        let start = match after {
+            Some(k) => std::ops::Bound::Excluded(data_key(k)),
+            None => std::ops::Bound::Included(DATA_PREFIX.to_vec()),
+        };
+        tree.range::<Vec<u8>, _>((start, std::ops::Bound::Excluded(b"e".to_vec())))
+            .map(|r| {
+                let (k, v) = r?;
+                Ok((k[DATA_PREFIX.len()..].to_vec(), v.to_vec()))
+            })
+    }
+
+    /// Number of user keys (a full scan; for logs and tests).
+    pub fn key_count(&self) -> usize {
+        self.tree().scan_prefix(DATA_PREFIX).count()
+    }
+
+    pub fn last_snapshot(&self) -> Result<Option<SnapshotMeta>, StateError> {
+        match self.db.meta.get(snap_key(self.shard))? {
+            Some(v) => Ok(Some(decode(&v, "snapshot meta")?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn save_snapshot_meta(&self, meta: &SnapshotMeta) -> Result<(), StateError> {
+        self.db.meta.insert(snap_key(self.shard), encode(meta))?;
+        Ok(())
+    }
+
+    pub fn flush(&self) -> Result<(), StateError> {
+        self.db.flush()
+    }
+
+    /// Starts an install: a new, empty generation tree that nobody reads yet.
+    pub fn begin_install(&self) -> Result<Staging, StateError> {
+        let gen = match self.live.read() {
+            Ok(l) => l.gen,
+            Err(p) => p.into_inner().gen,
+        } + 1;
+        let name = tree_name(self.shard, gen);
+        self.db.db.drop_tree(name.as_bytes())?;
+        let tree = self.db.db.open_tree(name.as_bytes())?;
+        Ok(Staging {
+            tree,
+            gen,
+            keys: 0,
+            bytes: 0,
+        })
+    }
+
+    /// Makes a filled staging tree the shard's live state, durably, then drops the old one.
+    pub fn finish_install(&self, staging: Staging, applied: &Applied) -> Result<(), StateError> {
+        staging.tree.insert(APPLIED_KEY, encode(applied))?;
+        staging.tree.flush()?;
+        self.db
+            .meta
+            .insert(gen_key(self.shard), encode(&staging.gen))?;
+        self.db.meta.flush()?;
+        let old = {
+            let mut live = match self.live.write() {
+                Ok(l) => l,
+                Err(p) => p.into_inner(),
+            };
+            let old = tree_name(self.shard, live.gen);
+            live.tree = staging.tree;
+            live.gen = staging.gen;
+            old
+        };
+        self.db.db.drop_tree(old.as_bytes())?;
+        Ok(())
+    }
+}
+
+/// A snapshot being received into a fresh tree.
+pub struct Staging {
+    tree: sled::Tree,
+    gen: u64,
+    pub keys: u64,
+    pub bytes: u64,
+}
+
+impl Staging {
+    pub fn put_batch(&mut self, pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StateError> {
+        let mut batch = sled::Batch::default();
+        for (k, v) in pairs {
+            self.keys += 1;
+            self.bytes += (k.len() + v.len()) as u64;
+            batch.insert(data_key(k), v.as_slice());
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(())
+    }
+}
+
+fn data_key(k: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(DATA_PREFIX.len() + k.len());
+    v.extend_from_slice(DATA_PREFIX);
+    v.extend_from_slice(k);
+    v
+}
+
+fn tree_name(shard: ShardId, gen: u64) -> String {
+    format!("shard-{shard}-g{gen}")
+}
+
+fn gen_key(shard: ShardId) -> Vec<u8> {
+    format!("gen/{shard}").into_bytes()
+}
+
+fn snap_key(shard: ShardId) -> Vec<u8> {
+    format!("snap/{shard}").into_bytes()
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing our own plain structs into a Vec cannot fail.
+    bincode::serialize(v).unwrap_or_default()
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(b: &[u8], what: &str) -> Result<T, StateError> {
+    bincode::deserialize(b).map_err(|e| StateError::Corrupt {
+        what: what.to_string(),
+        reason: e.to_string(),
+    })
+}

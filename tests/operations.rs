@@ -1,0 +1,215 @@
+//! Bad input, bad config, the kvctl contract (exit codes), and graceful stop.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{kvctl_with, kvnode_exit, rt, Cluster};
+use kvstore::client::ClientError;
+
+#[test]
+fn bad_input_is_rejected_and_the_node_stays_up() {
+    rt().block_on(async {
+        let mut c = Cluster::start(3, "").await;
+        let client = c.client(&[0]);
+        let cases: Vec<(Vec<u8>, Vec<u8>, &str)> = vec![
+            (vec![], b"v".to_vec(), "empty"),
+            (vec![b'k'; 4097], b"v".to_vec(), "4096"),
+            (b"k".to_vec(), vec![0u8; 1024 * 1024 + 1], "1048576"),
+        ];
+        for (k, v, needle) in cases {
+            match client.put(&k, &v).await {
+                Err(ClientError::InvalidArgument(m)) => assert!(m.contains(needle), "{m}"),
+                other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+            }
+        }
+        match client.get(b"", false).await {
+            Err(ClientError::InvalidArgument(_)) => {}
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+        // The limits themselves are accepted.
+        client
+            .put(&vec![b'k'; 4096], &vec![7u8; 1024 * 1024])
+            .await
+            .expect("max-size put");
+        let got = client.get(&vec![b'k'; 4096], false).await.expect("get");
+        assert_eq!(got.value.map(|v| v.len()), Some(1024 * 1024));
+        assert!(c.is_running(0));
+
+        // A malformed peer message is refused, not fatal.
+        let mut raw =
+            kvstore::pb::cluster_client::ClusterClient::connect(format!("http://{}", c.addrs[0]))
+                .await
+                .expect("connect");
+        for kind in [1, 2, 3, 99] {
+            let r = raw
+                .raft(kvstore::pb::RaftRequest {
+                    shard: 0,
+                    kind,
+                    payload: vec![0xff; 17],
+                    from: 1,
+                })
+                .await;
+            assert!(r.is_err(), "garbage raft message kind {kind} accepted");
+        }
+        let r = raw
+            .raft(kvstore::pb::RaftRequest {
+                shard: 9999,
+                kind: 1,
+                payload: vec![],
+                from: 1,
+            })
+            .await;
+        assert!(r.is_err());
+        client
+            .put(b"still", b"alive")
+            .await
+            .expect("node serves after garbage");
+    });
+}
+
+#[test]
+fn kvctl_exit_codes_and_output() {
+    rt().block_on(async {
+        let c = Cluster::start(3, "").await;
+        let (code, _, err) = c.kvctl(&[0], &["put", "a", "123"]);
+        assert_eq!(code, 0, "{err}");
+        let (code, out, _) = c.kvctl(&[1], &["get", "a"]);
+        assert_eq!((code, out.as_str()), (0, "123\n"));
+        let (code, out, err) = c.kvctl(&[2], &["get", "missing"]);
+        assert_eq!((code, out.as_str()), (1, ""), "{err}");
+        let (code, _, _) = c.kvctl(&[2], &["delete", "a"]);
+        assert_eq!(code, 0);
+        let (code, _, _) = c.kvctl(&[2], &["delete", "a"]);
+        assert_eq!(code, 0, "delete of an absent key still exits 0");
+        let (code, out, _) = c.kvctl(&[0], &["status"]);
+        assert_eq!(code, 0);
+        assert!(out.contains("SHARD") && out.contains("up"), "{out}");
+        // Endpoint failover: a dead endpoint first, a live one second.
+        let dead = format!("127.0.0.1:{}", common::free_ports(1)[0]);
+        let (code, out, err) = kvctl_with(
+            &["--endpoints", &format!("{dead},{}", c.addrs[0])],
+            &["get", "missing-too"],
+        );
+        assert_eq!((code, out.as_str()), (1, ""), "{err}");
+        // Nothing reachable: exit 2 with a message.
+        let (code, _, err) = kvctl_with(
+            &["--endpoints", &dead, "--timeout-ms", "1000"],
+            &["get", "a"],
+        );
+        assert_eq!(code, 2);
+        assert!(err.contains("unavailable"), "{err}");
+        // The interactive prompt, fed from a pipe.
+        let mut child = std::process::Command::new(common::KVCTL)
+            .args(["--endpoints", &c.addrs[1]])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("kvctl prompt");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin
+                .write_all(b"put p 123\nget p\ndelete p\nget p\n")
+                .expect("write");
+        }
+        let out = child.wait_with_output().expect("prompt output");
+        let out = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.contains("OK")
+                && out.contains("FOUND value=123")
+                && out.contains("DELETED")
+                && out.contains("NOT FOUND"),
+            "{out}"
+        );
+        assert!(out.contains("[Node "), "{out}");
+    });
+}
+
+#[test]
+fn bad_config_and_foreign_data_dirs_exit_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("c.toml");
+    let data = dir.path().join("data");
+    let cfg_s = cfg.to_str().expect("utf8");
+
+    std::fs::write(&cfg, "[[nodes]]\nid = 0\naddr = \"127.0.0.1\"\n").expect("write");
+    let (code, err) = kvnode_exit(&["--id", "0", "--config", cfg_s], &data);
+    assert_eq!(code, 2);
+    assert_eq!(err.trim().lines().count(), 1, "one clear line: {err}");
+    assert!(err.contains("host:port"), "{err}");
+
+    let ports = common::free_ports(3);
+    let good: String = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("[[nodes]]\nid = {i}\naddr = \"127.0.0.1:{p}\"\n"))
+        .collect();
+    std::fs::write(&cfg, &good).expect("write");
+    let (code, err) = kvnode_exit(&["--id", "7", "--config", cfg_s], &data);
+    assert_eq!(code, 2);
+    assert!(err.contains("node id 7"), "{err}");
+
+    std::fs::write(&cfg, format!("shard = 3\n{good}")).expect("write");
+    let (code, err) = kvnode_exit(&["--id", "0", "--config", cfg_s], &data);
+    assert_eq!(code, 2);
+    assert!(err.contains("unknown key"), "{err}");
+
+    // Address in use.
+    std::fs::write(&cfg, &good).expect("write");
+    let busy = std::net::TcpListener::bind(format!("127.0.0.1:{}", ports[0])).expect("bind");
+    let (code, err) = kvnode_exit(&["--id", "0", "--config", cfg_s], &data);
+    assert_eq!(code, 2);
+    assert!(err.contains("cannot listen"), "{err}");
+    drop(busy);
+
+    // A data dir of another node.
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(
+        data.join("IDENTITY"),
+        "node_id = 1\ncluster_name = \"kvstore\"\nshards = 8\n",
+    )
+    .expect("write");
+    let (code, err) = kvnode_exit(&["--id", "0", "--config", cfg_s], &data);
+    assert_eq!(code, 2);
+    assert!(err.contains("belongs to node 1"), "{err}");
+    // And of another cluster.
+    std::fs::write(
+        data.join("IDENTITY"),
+        "node_id = 0\ncluster_name = \"other\"\nshards = 8\n",
+    )
+    .expect("write");
+    let (code, err) = kvnode_exit(&["--id", "0", "--config", cfg_s], &data);
+    assert_eq!(code, 2);
+    assert!(err.contains("cluster \"other\""), "{err}");
+}
+
+#[test]
+fn sigterm_stops_gracefully_and_loses_nothing() {
+    rt().block_on(async {
+        let mut c = Cluster::start(3, "").await;
+        let client = c.client_all();
+        for i in 0..50u32 {
+            client
+                .put(format!("g{i}").as_bytes(), b"v")
+                .await
+                .expect("put");
+        }
+        for i in 0..3 {
+            let status = c.stop(i);
+            assert!(status.success(), "node {i} exit status {status:?}");
+        }
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        c.wait_ready(Duration::from_secs(30)).await;
+        let client = c.client_all();
+        for i in 0..50u32 {
+            let got = client
+                .get(format!("g{i}").as_bytes(), false)
+                .await
+                .expect("get");
+            assert_eq!(got.value.as_deref(), Some(&b"v"[..]));
+        }
+    });
+}

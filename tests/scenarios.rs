@@ -1,0 +1,239 @@
+//! The original system's four failure scenarios, on real `kvnode` processes, with the outcome a
+//! replicated store must give — plus catch-up after a restart and forwarding from every node.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{rt, wait_for, Cluster};
+
+/// Scenario 1: kill -9 the owner (leader) of key b; reads and writes of b go on via the others.
+#[test]
+fn owner_killed_reads_and_writes_go_on() {
+    rt().block_on(async {
+        let mut c = Cluster::start(3, "").await;
+        let client = c.client_all();
+        let put = client.put(b"b", b"nguyet").await.expect("put b");
+        let owner = put.node_id as usize;
+        c.kill9(owner);
+        let killed = Instant::now();
+
+        let others: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+        let survivors = c.client(&others);
+        let got = survivors
+            .get(b"b", false)
+            .await
+            .expect("get b after the owner died");
+        assert_eq!(got.value.as_deref(), Some(&b"nguyet"[..]));
+        assert_ne!(got.node_id as usize, owner, "served by a new leader");
+        eprintln!(
+            "reads of b resumed {:?} after kill -9 of its owner",
+            killed.elapsed()
+        );
+
+        survivors
+            .put(b"b", b"still-writable")
+            .await
+            .expect("put b after the owner died");
+        let got = survivors.get(b"b", false).await.expect("get b");
+        assert_eq!(got.value.as_deref(), Some(&b"still-writable"[..]));
+    });
+}
+
+/// Scenario 2: a replica down: nothing visible.
+#[test]
+fn replica_down_nothing_visible() {
+    rt().block_on(async {
+        let mut c = Cluster::start(3, "").await;
+        let client = c.client_all();
+        let owner = client.put(b"a", b"123").await.expect("put a").node_id as usize;
+        let replica = (owner + 1) % 3;
+        c.kill9(replica);
+        let others: Vec<usize> = (0..3).filter(|i| *i != replica).collect();
+        let client = c.client(&others);
+        let t = Instant::now();
+        let got = client.get(b"a", false).await.expect("get a");
+        assert_eq!(got.value.as_deref(), Some(&b"123"[..]));
+        assert_eq!(got.node_id as usize, owner, "the owner still serves");
+        client
+            .put(b"a2", b"456")
+            .await
+            .expect("write with a replica down");
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "no failover needed: {:?}",
+            t.elapsed()
+        );
+    });
+}
+
+/// Scenario 3: every node killed -9 right after acknowledged writes; after restart nothing is lost.
+#[test]
+fn all_killed_then_restarted_nothing_lost() {
+    rt().block_on(async {
+        let mut c = Cluster::start(3, "").await;
+        let client = c.client_all();
+        for i in 0..300u32 {
+            client
+                .put(
+                    format!("key-{i}").as_bytes(),
+                    format!("value-{i}").as_bytes(),
+                )
+                .await
+                .expect("put");
+        }
+        client.delete(b"key-7").await.expect("delete");
+        for i in 0..3 {
+            c.kill9(i);
+        }
+        let down = c.client_all();
+        assert!(
+            down.get(b"key-1", false).await.is_err(),
+            "no node answers while all are down"
+        );
+        for i in 0..3 {
+            c.spawn(i);
+        }
+        c.wait_ready(Duration::from_secs(30)).await;
+        let client = c.client_all();
+        for i in 0..300u32 {
+            let got = client
+                .get(format!("key-{i}").as_bytes(), false)
+                .await
+                .expect("get");
+            if i == 7 {
+                assert_eq!(got.value, None, "the delete survived too");
+            } else {
+                assert_eq!(
+                    got.value,
+                    Some(format!("value-{i}").into_bytes()),
+                    "key-{i}"
+                );
+            }
+        }
+    });
+}
+
+/// Scenario 4: a node's data dir wiped; restarted, it is rebuilt from its peers (Recover), and
+/// serves every key from its own replica.
+#[test]
+fn wiped_node_is_rebuilt() {
+    rt().block_on(async {
+        let mut c = Cluster::start(3, "").await;
+        let client = c.client_all();
+        for i in 0..200u32 {
+            client
+                .put(format!("k{i}").as_bytes(), format!("v{i}").as_bytes())
+                .await
+                .expect("put");
+        }
+        assert!(c.stop(1).success(), "graceful stop exits 0");
+        c.wipe(1);
+        // Writes while it is gone must reach it too.
+        client
+            .put(b"during", b"outage")
+            .await
+            .expect("put while node 1 is down");
+        c.spawn(1);
+        let alone = c.client(&[1]);
+        for i in (0..200u32).chain(std::iter::once(999)) {
+            let (k, v) = if i == 999 {
+                (b"during".to_vec(), b"outage".to_vec())
+            } else {
+                (format!("k{i}").into_bytes(), format!("v{i}").into_bytes())
+            };
+            wait_for(
+                &format!("node 1 to serve {k:?} from its own replica"),
+                Duration::from_secs(30),
+                || {
+                    let (alone, k, v) = (&alone, k.clone(), v.clone());
+                    async move {
+                        let got = alone.get(&k, true).await.ok()?;
+                        (got.node_id == 1 && got.value == Some(v)).then_some(())
+                    }
+                },
+            )
+            .await;
+        }
+        let log = c.log(1);
+        assert!(
+            log.contains("recover_done"),
+            "node 1 logged recover_done:\n{log}"
+        );
+    });
+}
+
+/// A node restarted with its disk catches up on the writes it missed.
+#[test]
+fn restarted_node_catches_up() {
+    rt().block_on(async {
+        let mut c = Cluster::start(3, "").await;
+        let client = c.client_all();
+        client.put(b"before", b"1").await.expect("put");
+        c.kill9(2);
+        let client = c.client(&[0, 1]);
+        for i in 0..100u32 {
+            client
+                .put(format!("missed-{i}").as_bytes(), b"x")
+                .await
+                .expect("put while down");
+        }
+        c.spawn(2);
+        let alone = c.client(&[2]);
+        for key in ["before".to_string(), "missed-0".into(), "missed-99".into()] {
+            wait_for(
+                &format!("node 2 to catch up on {key}"),
+                Duration::from_secs(30),
+                || {
+                    let (alone, key) = (&alone, key.clone());
+                    async move {
+                        let got = alone.get(key.as_bytes(), true).await.ok()?;
+                        got.value.is_some().then_some(())
+                    }
+                },
+            )
+            .await;
+        }
+    });
+}
+
+/// Any node serves any key: write through each node, read through each other node.
+#[test]
+fn forwarding_from_every_node() {
+    rt().block_on(async {
+        let c = Cluster::start(3, "").await;
+        for w in 0..3 {
+            let writer = c.client(&[w]);
+            for k in 0..8u32 {
+                let key = format!("fwd-{w}-{k}");
+                writer
+                    .put(key.as_bytes(), key.as_bytes())
+                    .await
+                    .expect("put");
+            }
+        }
+        for r in 0..3 {
+            let reader = c.client(&[r]);
+            for w in 0..3 {
+                for k in 0..8u32 {
+                    let key = format!("fwd-{w}-{k}");
+                    let got = reader.get(key.as_bytes(), false).await.expect("get");
+                    assert_eq!(
+                        got.value.as_deref(),
+                        Some(key.as_bytes()),
+                        "{key} via node {r}"
+                    );
+                }
+            }
+        }
+        // Deletes report whether the key existed, through any node.
+        let d = c.client(&[2]).delete(b"fwd-0-0").await.expect("delete");
+        assert!(d.value);
+        let d = c
+            .client(&[1])
+            .delete(b"fwd-0-0")
+            .await
+            .expect("delete again");
+        assert!(!d.value);
+    });
+}
