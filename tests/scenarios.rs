@@ -237,3 +237,45 @@ fn forwarding_from_every_node() {
         assert!(!d.value);
     });
 }
+
+/// A follower that was down while the leader snapshotted and purged its log cannot catch up
+/// from the log: the leader offers its snapshot and the follower pulls it over Recover.
+#[test]
+fn lagging_follower_gets_a_snapshot() {
+    rt().block_on(async {
+        // Snapshot (and purge) every 50 entries, so a short outage outruns the log.
+        let mut c = Cluster::start(3, "shards = 2\nsnapshot_logs = 50").await;
+        let client = c.client_all();
+        client.put(b"first", b"1").await.expect("put");
+        c.kill9(2);
+        let client = c.client(&[0, 1]);
+        for i in 0..400u32 {
+            client
+                .put(format!("lag-{i}").as_bytes(), format!("{i}").as_bytes())
+                .await
+                .expect("put");
+        }
+        c.spawn(2);
+        let alone = c.client(&[2]);
+        for i in [0u32, 199, 399] {
+            let key = format!("lag-{i}");
+            wait_for(
+                &format!("node 2 to have {key}"),
+                Duration::from_secs(30),
+                || {
+                    let (alone, key) = (&alone, key.clone());
+                    async move {
+                        let got = alone.get(key.as_bytes(), true).await.ok()?;
+                        (got.value == Some(i.to_string().into_bytes())).then_some(())
+                    }
+                },
+            )
+            .await;
+        }
+        let log = c.log(2);
+        assert!(
+            log.contains("recover_done"),
+            "node 2 was rebuilt from a snapshot:\n{log}"
+        );
+    });
+}

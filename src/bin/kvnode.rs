@@ -79,7 +79,7 @@ async fn run(config: Config, id: u64, data_dir: PathBuf) -> ExitCode {
     let (node, listener) = match Node::open(config, id, &data_dir).await {
         Ok(x) => x,
         Err(e) => {
-            tracing::error!(KV_NODE = id, "cannot start: {e}");
+            // stderr reaches the journal under systemd too: one line, said once.
             eprintln!("kvnode: {e}");
             return ExitCode::from(2);
         }
@@ -111,7 +111,6 @@ async fn run(config: Config, id: u64, data_dir: PathBuf) -> ExitCode {
     let start = node.start(&data_dir);
     tokio::select! {
         r = start => if let Err(e) = r {
-            tracing::error!(KV_NODE = id, "cannot start: {e}");
             eprintln!("kvnode: {e}");
             node.shutdown().await;
             return ExitCode::from(2);

@@ -286,6 +286,32 @@ fn read_err(e: impl std::fmt::Display) -> StorageError {
 }
 
 impl ShardLog {
+    /// Buffers entries in the WAL and the index; durable only after the next WAL flush.
+    fn append_entries(&self, entries: impl IntoIterator<Item = Entry>) -> Result<(), StorageError> {
+        let mut encoded = Vec::new();
+        for entry in entries {
+            let rec = Record::Entry {
+                shard: self.shard,
+                entry,
+            };
+            let buf = encode(&rec);
+            if let Record::Entry { entry, .. } = rec {
+                encoded.push((buf, entry));
+            }
+        }
+        let refs: Vec<&[u8]> = encoded.iter().map(|(b, _)| b.as_slice()).collect();
+        // Hold the shard's lock across the WAL append so index order is log order.
+        let mut s = lock(&self.state);
+        let positions = self.mgr.wal.append(&refs).map_err(write_err)?;
+        if positions.len() != encoded.len() {
+            return Err(write_err("WAL returned fewer positions than records"));
+        }
+        for ((_, entry), pos) in encoded.into_iter().zip(positions) {
+            s.insert(pos, entry);
+        }
+        Ok(())
+    }
+
     fn append_records(&self, recs: &[Record]) -> Result<Vec<WalPos>, StorageError> {
         let bufs: Vec<Vec<u8>> = recs.iter().map(encode).collect();
         let refs: Vec<&[u8]> = bufs.iter().map(|b| b.as_slice()).collect();
@@ -380,23 +406,7 @@ impl RaftLogStorage<TypeConfig> for ShardLog {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        {
-            let mut s = lock(&self.state);
-            for entry in entries {
-                let rec = Record::Entry {
-                    shard: self.shard,
-                    entry,
-                };
-                let buf = encode(&rec);
-                let pos = self.mgr.wal.append(&[&buf]).map_err(write_err)?;
-                let Some(pos) = pos.first().copied() else {
-                    return Err(write_err("WAL returned no position"));
-                };
-                if let Record::Entry { entry, .. } = rec {
-                    s.insert(pos, entry);
-                }
-            }
-        }
+        self.append_entries(entries)?;
         self.mgr.wal.flush(Box::new(move |r| {
             callback.log_io_completed(r.map_err(|e| std::io::Error::other(e.to_string())))
         }));
@@ -419,5 +429,90 @@ impl RaftLogStorage<TypeConfig> for ShardLog {
         }])?;
         lock(&self.state).purge(log_id);
         self.mgr.gc().await.map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload, RaftLogReader};
+
+    use super::*;
+    use crate::raft::Command;
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 0), index),
+            payload: EntryPayload::Normal(Command::Put {
+                key: format!("k{index}").into_bytes(),
+                value: vec![7u8; 100],
+            }),
+        }
+    }
+
+    fn opts(dir: &std::path::Path) -> WalOptions {
+        WalOptions {
+            dir: dir.join("wal"),
+            segment_bytes: 16 * 1024,
+            fsync: false,
+        }
+    }
+
+    fn segments(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir.join("wal"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    /// Several shards interleaved in one WAL: after purges, old segments go away, yet votes,
+    /// purge marks and the remaining entries (including ones only on disk) survive a reopen.
+    #[tokio::test]
+    async fn shards_share_the_wal_and_gc_keeps_what_is_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = (CACHED_ENTRIES + 1000) as u64;
+        {
+            let mgr = LogManager::open(opts(dir.path())).unwrap();
+            let (mut a, mut b) = (mgr.shard(0), mgr.shard(1));
+            a.save_vote(&Vote::new(3, 0)).await.unwrap();
+            b.save_vote(&Vote::new(5, 2)).await.unwrap();
+            for i in 1..=n {
+                a.append_entries([entry(i)]).unwrap();
+                b.append_entries([entry(i)]).unwrap();
+            }
+            mgr.wal().sync().await.unwrap();
+            let before = segments(dir.path());
+            assert!(before > 20, "small segments: {before}");
+            a.purge(LogId::new(CommittedLeaderId::new(1, 0), n - 100))
+                .await
+                .unwrap();
+            // Shard 1 still needs everything: nothing can be removed yet.
+            assert_eq!(segments(dir.path()), before);
+            b.purge(LogId::new(CommittedLeaderId::new(1, 0), n - 2000))
+                .await
+                .unwrap();
+            let after = segments(dir.path());
+            assert!(after < before / 2, "segments {before} -> {after}");
+            a.truncate(LogId::new(CommittedLeaderId::new(1, 0), n - 10))
+                .await
+                .unwrap();
+            mgr.wal().sync().await.unwrap();
+        }
+        let mgr = LogManager::open(opts(dir.path())).unwrap();
+        let (mut a, mut b) = (mgr.shard(0), mgr.shard(1));
+        assert_eq!(a.read_vote().await.unwrap(), Some(Vote::new(3, 0)));
+        assert_eq!(b.read_vote().await.unwrap(), Some(Vote::new(5, 2)));
+        let sa = a.get_log_state().await.unwrap();
+        assert_eq!(sa.last_purged_log_id.map(|l| l.index), Some(n - 100));
+        assert_eq!(sa.last_log_id.map(|l| l.index), Some(n - 11));
+        let sb = b.get_log_state().await.unwrap();
+        assert_eq!(sb.last_purged_log_id.map(|l| l.index), Some(n - 2000));
+        assert_eq!(sb.last_log_id.map(|l| l.index), Some(n));
+        // Older than the cache window: read back from the WAL files.
+        let got = b.try_get_log_entries(n - 1999..n - 1995).await.unwrap();
+        assert_eq!(
+            got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            (n - 1999..n - 1995).collect::<Vec<_>>()
+        );
+        assert_eq!(got[0], entry(n - 1999));
+        assert_eq!(mgr.shards_with_state(), vec![0, 1]);
     }
 }
