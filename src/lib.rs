@@ -19,6 +19,7 @@
 // boundary would add allocations for no reader's benefit.
 #![allow(clippy::result_large_err)]
 
+pub mod balance;
 pub mod client;
 pub mod config;
 pub mod heartbeat;

@@ -138,6 +138,8 @@ pub struct Node {
     shards: RwLock<HashMap<ShardId, Arc<Shard>>>,
     initialized: std::sync::atomic::AtomicBool,
     stop_tx: watch::Sender<bool>,
+    /// Shards whose requests are paused while leadership is handed to another node.
+    pub(crate) handoffs: std::sync::Mutex<std::collections::HashSet<ShardId>>,
     /// Last known leader of shards this node forwards for.
     pub(crate) leader_cache: RwLock<HashMap<ShardId, NodeId>>,
 }
@@ -198,7 +200,9 @@ impl Node {
             // up to 1 MiB, a batch must stay small enough to cross in that time.
             max_payload_entries: 16,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_logs),
-            max_in_snapshot_log_to_keep: 1000,
+            // Entries kept past a snapshot, so a follower that is only a little behind catches up
+            // from the log instead of a whole snapshot.
+            max_in_snapshot_log_to_keep: c.snapshot_logs.min(1000),
             ..Default::default()
         };
         cfg.validate()
@@ -272,6 +276,7 @@ impl Node {
             initialized: std::sync::atomic::AtomicBool::new(identity.is_some()),
             stop_tx,
             leader_cache: RwLock::new(HashMap::new()),
+            handoffs: Default::default(),
         });
         Ok((node, listener))
     }
@@ -305,6 +310,8 @@ impl Node {
             Duration::from_millis(self.config.heartbeat_interval_ms),
             self.stop_signal(),
         ));
+
+        tokio::spawn(crate::balance::run(self.clone(), self.stop_signal()));
 
         let raft_config = self.raft_config()?;
         for (shard, plan) in plans {
@@ -487,8 +494,11 @@ impl Node {
         }
     }
 
-    /// Graceful stop: Raft groups shut down, sled flushed, WAL closed.
+    /// Graceful stop: leaderships handed to peers, Raft groups shut down, sled flushed, WAL
+    /// closed.
     pub async fn shutdown(&self) {
+        // Hand off while still serving: the new leaders' messages must reach us.
+        self.handoff_all().await;
         let _ = self.stop_tx.send(true);
         for shard in self.shards() {
             if let Err(e) = shard.raft.shutdown().await {

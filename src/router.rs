@@ -151,6 +151,9 @@ impl Node {
         op: &Op,
         deadline: Instant,
     ) -> Result<Outcome, LocalError> {
+        if self.handing_off(shard.id) && !matches!(op, Op::Get { stale: true, .. }) {
+            return Err(LocalError::NotLeader(None));
+        }
         let remaining = deadline.saturating_duration_since(Instant::now());
         let timed_out = || {
             LocalError::Unavailable(format!(

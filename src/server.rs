@@ -241,9 +241,16 @@ impl pb::cluster_server::Cluster for ClusterService {
         &self,
         req: Request<pb::CampaignRequest>,
     ) -> Result<Response<pb::CampaignReply>, Status> {
-        let shard = self.shard(req.into_inner().shard)?;
-        let started = shard.raft.trigger().elect().await.is_ok();
-        Ok(Response::new(pb::CampaignReply { started }))
+        let r = req.into_inner();
+        let shard = self.shard(r.shard)?;
+        // Campaign once the old leader's lease has run out; answer at once.
+        let after = Duration::from_millis(r.after_ms.min(10_000));
+        let raft = shard.raft.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = raft.trigger().elect().await;
+        });
+        Ok(Response::new(pb::CampaignReply { started: true }))
     }
 
     async fn status(

@@ -40,6 +40,7 @@ pub fn init(config_level: Option<&str>) -> &'static str {
     }
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false);
     let _ = registry.with(fmt).try_init();
     "stderr"

@@ -279,3 +279,100 @@ fn lagging_follower_gets_a_snapshot() {
         );
     });
 }
+
+/// `SIGTERM` hands the node's leaderships to its peers first: a client writing all along sees
+/// no failed write, and the node exits 0.
+#[test]
+fn planned_stop_loses_no_write() {
+    rt().block_on(async {
+        let mut c = Cluster::start(3, "").await;
+        let client = std::sync::Arc::new(c.client_all());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed, mut slowest) = (0u32, Vec::new(), Duration::ZERO);
+                let mut i = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = Instant::now();
+                    match client.put(format!("ps-{}", i % 64).as_bytes(), b"v").await {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    slowest = slowest.max(t.elapsed());
+                    i += 1;
+                }
+                (ok, failed, slowest)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let status = c.stop(0);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (ok, failed, slowest) = writer.await.expect("writer");
+        assert!(status.success(), "exit status {status:?}");
+        assert!(
+            failed.is_empty(),
+            "{} failed writes: {:?}",
+            failed.len(),
+            &failed[..failed.len().min(3)]
+        );
+        assert!(ok > 10, "writes went on: {ok}");
+        eprintln!("{ok} writes, none failed; slowest {slowest:?}");
+        assert!(
+            c.log(0).contains("handed shard"),
+            "node 0 handed its shards off:\n{}",
+            c.log(0)
+        );
+    });
+}
+
+/// After a node comes back, leadership returns to each shard's preferred leader, so every node
+/// again leads its share.
+#[test]
+fn leadership_rebalances_after_restart() {
+    rt().block_on(async {
+        let mut c = Cluster::start(3, "").await;
+        c.kill9(0);
+        let client = c.client(&[1]);
+        wait_for(
+            "the survivors to lead every shard",
+            Duration::from_secs(30),
+            || {
+                let client = &client;
+                async move {
+                    let s = client.status().await.ok()?.value;
+                    let taken = s.shards.iter().all(|sh| sh.has_leader && sh.leader != 0);
+                    taken.then_some(())
+                }
+            },
+        )
+        .await;
+        c.spawn(0);
+        wait_for(
+            "every shard led by its preferred leader",
+            Duration::from_secs(60),
+            || {
+                let client = &client;
+                async move {
+                    let s = client.status().await.ok()?.value;
+                    let balanced = !s.shards.is_empty()
+                        && s.shards
+                            .iter()
+                            .all(|sh| sh.has_leader && sh.leader == sh.preferred_leader);
+                    balanced.then_some(())
+                }
+            },
+        )
+        .await;
+        let s = client.status().await.expect("status").value;
+        let mut per_node = [0usize; 3];
+        for sh in &s.shards {
+            per_node[sh.leader as usize] += 1;
+        }
+        assert!(
+            per_node.iter().max().unwrap_or(&0) - per_node.iter().min().unwrap_or(&0) <= 1,
+            "{per_node:?}"
+        );
+    });
+}

@@ -171,6 +171,10 @@ impl Cluster {
         }
     }
 
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().flatten().map(|c| c.id()).collect()
+    }
+
     pub fn is_running(&mut self, i: usize) -> bool {
         match &mut self.children[i] {
             Some(c) => matches!(c.try_wait(), Ok(None)),

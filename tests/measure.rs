@@ -1,0 +1,189 @@
+//! Measurements, not pass/fail timing: each prints its figures. They are `#[ignore]`d so the
+//! normal suite stays fast; run them with
+//! `cargo test --release --test measure -- --ignored --nocapture --test-threads 1`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{rt, wait_for, Cluster};
+
+/// How long reads of a key stop after kill -9 of its owner, seen through the survivors.
+#[test]
+#[ignore]
+fn failover_read_gap() {
+    rt().block_on(async {
+        let mut gaps = Vec::new();
+        for round in 0..5 {
+            let mut c = Cluster::start(3, "").await;
+            let key = format!("fo-{round}");
+            let owner = c
+                .client_all()
+                .put(key.as_bytes(), b"v")
+                .await
+                .expect("put")
+                .node_id as usize;
+            let survivors: Vec<usize> = (0..3).filter(|i| *i != owner).collect();
+            let client = Arc::new(c.client(&survivors));
+            // Reads through the survivors, back to back; record the last success before the
+            // kill and the first after it.
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let reader = {
+                let (client, key, stop) = (client.clone(), key.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut ok_times = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if client.get(key.as_bytes(), false).await.is_ok() {
+                            ok_times.push(Instant::now());
+                        }
+                    }
+                    ok_times
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let killed = Instant::now();
+            c.kill9(owner);
+            wait_for("a read after the kill", Duration::from_secs(20), || {
+                let client = client.clone();
+                let key = key.clone();
+                async move { client.get(key.as_bytes(), false).await.ok().map(|_| ()) }
+            })
+            .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            let times = reader.await.expect("reader");
+            // The longest stretch without a successful read, from just before the kill on.
+            let mut gap = Duration::ZERO;
+            let window: Vec<&Instant> = times
+                .iter()
+                .filter(|t| **t + Duration::from_millis(200) >= killed)
+                .collect();
+            for w in window.windows(2) {
+                gap = gap.max(*w[1] - *w[0]);
+            }
+            println!("round {round}: owner {owner} killed; reads stopped for {gap:?}");
+            gaps.push(gap);
+        }
+        gaps.sort();
+        println!(
+            "failover read gap over {} rounds: min {:?}, median {:?}, max {:?}",
+            gaps.len(),
+            gaps[0],
+            gaps[gaps.len() / 2],
+            gaps[gaps.len() - 1]
+        );
+    });
+}
+
+/// Loads `n` keys with 64 concurrent writers.
+async fn load(c: &Cluster, n: u32, value_len: usize) -> Duration {
+    let client = Arc::new(c.client_all());
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..64u32 {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let value = vec![b'v'; value_len];
+            let mut i = w;
+            while i < n {
+                client
+                    .put(format!("key-{i:08}").as_bytes(), &value)
+                    .await
+                    .expect("put");
+                i += 64;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    t.elapsed()
+}
+
+/// A wiped node holding 100k keys (256-byte values) rebuilt from its peers.
+#[test]
+#[ignore]
+fn rebuild_wiped_node() {
+    rt().block_on(async {
+        let n = 100_000u32;
+        let mut c = Cluster::start(3, "").await;
+        let took = load(&c, n, 256).await;
+        println!(
+            "loaded {n} keys in {took:?} ({:.0} puts/s)",
+            n as f64 / took.as_secs_f64()
+        );
+        assert!(c.stop(1).success());
+        c.wipe(1);
+        let t = Instant::now();
+        c.spawn(1);
+        let shards = 8;
+        let log = wait_for(
+            "node 1 to recover every shard",
+            Duration::from_secs(300),
+            || {
+                let log = c.log(1);
+                let done = log.matches("recover_done").count();
+                async move { (done >= shards).then_some(log) }
+            },
+        )
+        .await;
+        let took = t.elapsed();
+        let (mut keys, mut bytes) = (0u64, 0u64);
+        for line in log.lines().filter(|l| l.contains("recover_done")) {
+            let field = |name: &str| -> u64 {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                    .and_then(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+                    .unwrap_or(0)
+            };
+            keys += field("keys");
+            bytes += field("bytes");
+        }
+        println!(
+            "wiped node rebuilt: {keys} keys, {:.1} MB in {took:?} from process start ({:.1} MB/s)",
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e6 / took.as_secs_f64()
+        );
+        let alone = c.client(&[1]);
+        let got = alone.get(b"key-00099999", true).await.expect("stale get");
+        assert_eq!(got.value.map(|v| v.len()), Some(256));
+    });
+}
+
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name: utime is 14th, stime 15th overall.
+    let after = stat.rsplit(')').next().unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+/// Idle CPU of a 3-node cluster, for several shard counts (to choose the default).
+#[test]
+#[ignore]
+fn idle_cpu_by_shard_count() {
+    rt().block_on(async {
+        let ticks_per_sec = 100.0; // USER_HZ on Linux
+        for shards in [1u32, 4, 8, 16, 32, 64] {
+            let c = Cluster::start(3, &format!("shards = {shards}")).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let pids = c.pids();
+            let before: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+            let window = Duration::from_secs(10);
+            tokio::time::sleep(window).await;
+            let after: Vec<u64> = pids.iter().map(|p| cpu_ticks(*p)).collect();
+            let pct: Vec<f64> = before
+                .iter()
+                .zip(&after)
+                .map(|(b, a)| (a - b) as f64 / ticks_per_sec / window.as_secs_f64() * 100.0)
+                .collect();
+            let total: f64 = pct.iter().sum();
+            println!(
+                "shards {shards:>3}: idle CPU per node {:?} %, cluster total {total:.1} % of one core",
+                pct.iter().map(|p| format!("{p:.1}")).collect::<Vec<_>>()
+            );
+        }
+    });
+}
