@@ -241,17 +241,23 @@ async fn prompt_line(client: &Client, line: &str) -> Option<String> {
 
 async fn prompt(client: &Client) {
     println!("Commands: put <k> <v> | get <k> | delete <k> | status | quit");
+    // The prompt is for people; piped input gets only the answers.
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stdin());
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1);
-    // stdin is blocking; read it on its own thread.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+    // stdin is blocking: read it on its own thread, one line per answered command, so the next
+    // ">> " comes after the previous answer.
     std::thread::spawn(move || {
         let stdin = std::io::stdin();
         let mut lines = stdin.lock().lines();
         loop {
-            print!(">> ");
-            let _ = std::io::stdout().flush();
+            if interactive {
+                print!(">> ");
+                let _ = std::io::stdout().flush();
+            }
             match lines.next() {
                 Some(Ok(l)) => {
-                    if tx.blocking_send(l).is_err() {
+                    if tx.blocking_send(l).is_err() || ready_rx.recv().is_err() {
                         return;
                     }
                 }
@@ -265,17 +271,17 @@ async fn prompt(client: &Client) {
             _ = tokio::signal::ctrl_c() => { println!(); return; }
         };
         let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
         if line == "quit" || line == "exit" {
             return;
         }
-        if let Some(out) = prompt_line(client, line).await {
-            if !out.is_empty() {
-                println!("{out}");
+        if !line.is_empty() {
+            if let Some(out) = prompt_line(client, line).await {
+                if !out.is_empty() {
+                    println!("{out}");
+                }
             }
         }
+        let _ = ready_tx.send(());
     }
 }
 
