@@ -2,7 +2,10 @@
 //! turn, a deadline per request, and errors a person can act on.
 //!
 //! Any node serves any key, so the client only needs *a* live node: it sticks to the last one
-//! that answered and moves to the next endpoint when one is unreachable.
+//! that answered and moves to the next endpoint when one is unreachable. Reads move on after any
+//! failure; a write moves on only when the failed attempt surely did not execute (connection
+//! refused, or the node said so): re-sending a write that may have committed could apply it a
+//! second time, after a newer write.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -21,6 +24,9 @@ pub enum ClientError {
     InvalidArgument(String),
     #[error("cluster unavailable: {0}")]
     Unavailable(String),
+    /// A write that may or may not have been applied (timed out after it was sent).
+    #[error("outcome unknown (the write may or may not have been applied): {0}")]
+    Unknown(String),
     #[error("no endpoints given")]
     NoEndpoints,
     #[error("bad endpoint {0}: {1}")]
@@ -75,7 +81,7 @@ impl Client {
     }
 
     /// Runs `f` against endpoints, starting with the last good one, until one answers.
-    async fn with_failover<T, F, Fut>(&self, f: F) -> Result<Served<T>, ClientError>
+    async fn with_failover<T, F, Fut>(&self, write: bool, f: F) -> Result<Served<T>, ClientError>
     where
         F: Fn(KeyValueClient<Channel>, ClusterClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<(T, u64), tonic::Status>>,
@@ -101,6 +107,12 @@ impl Client {
                 Err(s) if s.code() == Code::InvalidArgument => {
                     return Err(ClientError::InvalidArgument(s.message().to_string()))
                 }
+                Err(s) if write && !crate::router::not_executed(&s) => {
+                    return Err(ClientError::Unknown(format!(
+                        "{endpoint}: {}",
+                        describe(&s)
+                    )))
+                }
                 Err(s) => errors.push(format!("{endpoint}: {}", describe(&s))),
             }
         }
@@ -108,7 +120,7 @@ impl Client {
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<Served<()>, ClientError> {
-        self.with_failover(|mut kv, _| {
+        self.with_failover(true, |mut kv, _| {
             let req = self.request(PutRequest {
                 key: key.to_vec(),
                 value: value.to_vec(),
@@ -123,7 +135,7 @@ impl Client {
         key: &[u8],
         stale: bool,
     ) -> Result<Served<Option<Vec<u8>>>, ClientError> {
-        self.with_failover(|mut kv, _| {
+        self.with_failover(false, |mut kv, _| {
             let req = self.request(GetRequest {
                 key: key.to_vec(),
                 stale,
@@ -140,7 +152,7 @@ impl Client {
 
     /// Returns whether the key existed.
     pub async fn delete(&self, key: &[u8]) -> Result<Served<bool>, ClientError> {
-        self.with_failover(|mut kv, _| {
+        self.with_failover(true, |mut kv, _| {
             let req = self.request(DeleteRequest { key: key.to_vec() });
             async move {
                 kv.delete(req).await.map(|r| {
@@ -154,7 +166,7 @@ impl Client {
 
     /// The view of the first node that answers.
     pub async fn status(&self) -> Result<Served<StatusReply>, ClientError> {
-        self.with_failover(|_, mut cl| {
+        self.with_failover(false, |_, mut cl| {
             let req = self.request(StatusRequest {});
             async move {
                 cl.status(req).await.map(|r| {

@@ -6,8 +6,13 @@
 //! (`kv-leader`). The origin retries with the hint, or with backoff while a new leader is being
 //! elected, until the request's deadline: a client sees success, not an error, when an owner dies.
 //!
-//! Retrying is safe because every command is a blind write; the one visible effect is that a
-//! retried `Delete` whose first attempt did commit reports `deleted=false`.
+//! A write is retried only when the failed attempt surely did not execute: the node was not the
+//! leader (openraft refuses before proposing, or reports a proposal truncated unapplied), or the
+//! connection was refused. A write whose attempt may have committed (a timeout, a connection lost
+//! mid-request) is never re-sent: re-applying it later could undo a newer write and break
+//! linearizability (the chaos test found exactly that). Its client gets `DEADLINE_EXCEEDED`,
+//! "outcome unknown". `UNAVAILABLE` always means "not executed"; such replies also carry the
+//! `kv-not-executed` header. Reads are retried freely.
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +25,27 @@ use crate::raft::{Command, CommandResult, NodeId, ShardId};
 
 pub const FORWARDED: &str = "kv-forwarded";
 pub const LEADER_HINT: &str = "kv-leader";
+/// Set on error replies whose request certainly did not execute (safe to send again).
+pub const NOT_EXECUTED: &str = "kv-not-executed";
+
+/// Whether a failed request certainly did not execute, so sending it again cannot apply it twice.
+pub fn not_executed(s: &Status) -> bool {
+    s.metadata().contains_key(NOT_EXECUTED)
+        || (s.code() == tonic::Code::Unavailable
+            && (s.message().contains("tcp connect error")
+                || s.message().contains("error trying to connect")
+                || s.message().contains("Connection refused")))
+}
+
+/// `UNAVAILABLE`, marked as not executed.
+pub fn unavailable(msg: String) -> Status {
+    let mut s = Status::unavailable(msg);
+    s.metadata_mut().insert(
+        NOT_EXECUTED,
+        tonic::metadata::MetadataValue::from_static("1"),
+    );
+    s
+}
 
 #[derive(Clone, Debug)]
 pub enum Op {
@@ -44,12 +70,19 @@ impl Op {
     fn is_stale_read(&self) -> bool {
         matches!(self, Op::Get { stale: true, .. })
     }
+    fn is_write(&self) -> bool {
+        !matches!(self, Op::Get { .. })
+    }
 }
 
 /// Why a local attempt did not produce an outcome.
 enum LocalError {
+    /// Not executed: another node leads (if known).
     NotLeader(Option<NodeId>),
+    /// Not executed.
     Unavailable(String),
+    /// A write that may or may not commit.
+    Unknown(String),
 }
 
 impl Node {
@@ -70,7 +103,8 @@ impl Node {
             return match self.exec_local(&shard, &op, deadline).await {
                 Ok(o) => Ok((o, self.id)),
                 Err(LocalError::NotLeader(hint)) => Err(not_leader(self.id, shard_id, hint)),
-                Err(LocalError::Unavailable(m)) => Err(Status::unavailable(m)),
+                Err(LocalError::Unavailable(m)) => Err(unavailable(m)),
+                Err(LocalError::Unknown(m)) => Err(outcome_unknown(&m)),
             };
         }
 
@@ -112,6 +146,7 @@ impl Node {
                                 format!("node {} is not the leader of shard {shard_id}", self.id);
                         }
                         Err(LocalError::Unavailable(m)) => last_error = m,
+                        Err(LocalError::Unknown(m)) => return Err(outcome_unknown(&m)),
                     }
                 }
             } else {
@@ -121,6 +156,9 @@ impl Node {
                         return Ok(r);
                     }
                     Err(s) if s.code() == tonic::Code::InvalidArgument => return Err(s),
+                    Err(s) if op.is_write() && !not_executed(&s) => {
+                        return Err(outcome_unknown(&format!("node {target}: {}", s.message())));
+                    }
                     Err(s) => {
                         self.forget_leader(shard_id, target);
                         hint = s
@@ -140,7 +178,8 @@ impl Node {
                     .await;
             }
         }
-        Err(Status::unavailable(format!(
+        // Every attempt was refused before executing.
+        Err(unavailable(format!(
             "shard {shard_id}: no leader answered before the deadline (last error: {last_error})"
         )))
     }
@@ -155,6 +194,12 @@ impl Node {
             return Err(LocalError::NotLeader(None));
         }
         let remaining = deadline.saturating_duration_since(Instant::now());
+        let timed_out_write = || {
+            LocalError::Unknown(format!(
+                "shard {}: timed out waiting for a quorum",
+                shard.id
+            ))
+        };
         let timed_out = || {
             LocalError::Unavailable(format!(
                 "shard {}: timed out waiting for a quorum",
@@ -174,7 +219,7 @@ impl Node {
                 };
                 let res = tokio::time::timeout(remaining, shard.raft.client_write(cmd))
                     .await
-                    .map_err(|_| timed_out())?;
+                    .map_err(|_| timed_out_write())?;
                 match res {
                     Ok(resp) => Ok(match resp.data {
                         CommandResult::Delete { existed } => Outcome::Delete { existed },
@@ -183,7 +228,8 @@ impl Node {
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                         Err(LocalError::NotLeader(f.leader_id))
                     }
-                    Err(e) => Err(LocalError::Unavailable(format!("shard {}: {e}", shard.id))),
+                    // Proposed, then the group failed: it may still commit elsewhere.
+                    Err(e) => Err(LocalError::Unknown(format!("shard {}: {e}", shard.id))),
                 }
             }
             Op::Get { key, stale } => {
@@ -301,8 +347,14 @@ impl Node {
     }
 }
 
+fn outcome_unknown(msg: &str) -> Status {
+    Status::deadline_exceeded(format!(
+        "outcome unknown (the write may or may not have been applied): {msg}"
+    ))
+}
+
 fn not_leader(me: NodeId, shard: ShardId, hint: Option<NodeId>) -> Status {
-    let mut s = Status::unavailable(format!("node {me} is not the leader of shard {shard}"));
+    let mut s = unavailable(format!("node {me} is not the leader of shard {shard}"));
     if let Some(h) = hint {
         if let Ok(v) = h.to_string().parse() {
             s.metadata_mut().insert(LEADER_HINT, v);

@@ -2,6 +2,9 @@
 //! free ports and temporary data dirs. Every wait is bounded; every process is killed on drop.
 #![allow(dead_code)]
 
+pub mod linearizability;
+pub mod proxy;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -53,6 +56,8 @@ pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub addrs: Vec<String>,
     pub config: PathBuf,
+    /// Per-node config files, when nodes must see each other at different addresses (proxies).
+    pub node_configs: Vec<Option<PathBuf>>,
     children: Vec<Option<Child>>,
 }
 
@@ -74,6 +79,7 @@ impl Cluster {
             dir,
             addrs,
             config,
+            node_configs: vec![None; n],
             children: (0..n).map(|_| None).collect(),
         }
     }
@@ -108,9 +114,10 @@ impl Cluster {
             .append(true)
             .open(self.log_path(i))
             .expect("open log");
+        let config = self.node_configs[i].as_ref().unwrap_or(&self.config);
         let child = Command::new(KVNODE)
             .args(["--id", &i.to_string(), "--config"])
-            .arg(&self.config)
+            .arg(config)
             .arg("--data-dir")
             .arg(self.data_dir(i))
             .env("RUST_LOG", "info")
