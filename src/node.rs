@@ -138,6 +138,9 @@ pub struct Node {
     shards: RwLock<HashMap<ShardId, Arc<Shard>>>,
     initialized: std::sync::atomic::AtomicBool,
     stop_tx: watch::Sender<bool>,
+    /// Shards rebuilt after this node lost its disk and not yet caught up with a leader: they
+    /// must not vote or campaign (see [`Node::is_recovering`]).
+    recovering: std::sync::Mutex<std::collections::HashSet<ShardId>>,
     /// Shards whose requests are paused while leadership is handed to another node.
     pub(crate) handoffs: std::sync::Mutex<std::collections::HashSet<ShardId>>,
     /// Last known leader of shards this node forwards for.
@@ -174,6 +177,17 @@ impl Node {
             .collect();
         v.sort_by_key(|s| s.id);
         v
+    }
+
+    /// Whether this node lost shard `shard`'s data and has not caught up with a leader since.
+    ///
+    /// Raft's safety rests on every voter keeping what it acknowledged. A node that lost its disk
+    /// no longer has entries it once acknowledged, so if it voted, it and one peer lacking a
+    /// committed entry could elect a leader without it — the chaos test saw exactly that lose a
+    /// write. Until its log holds everything the current leader had when it came back, it refuses
+    /// every vote and never campaigns.
+    pub fn is_recovering(&self, shard: ShardId) -> bool {
+        lock(&self.recovering).contains(&shard)
     }
 
     pub fn is_initialized(&self) -> bool {
@@ -277,6 +291,7 @@ impl Node {
             stop_tx,
             leader_cache: RwLock::new(HashMap::new()),
             handoffs: Default::default(),
+            recovering: Default::default(),
         });
         Ok((node, listener))
     }
@@ -317,8 +332,11 @@ impl Node {
         for (shard, plan) in plans {
             let data = self.state.shard(shard)?;
             if let Plan::Recover(peer) = plan {
+                // Persisted first: a crash in the middle must not let this shard vote later.
+                self.state.set_recovering(shard, true)?;
                 self.recover_before_start(shard, peer, &data).await?;
             }
+            let recovering = self.state.is_recovering(shard)?;
             let replicas = self.placement.replicas(shard).to_vec();
             let network = ShardNetwork {
                 shard,
@@ -356,6 +374,11 @@ impl Node {
                         "bootstrapped shard {shard}"
                     );
                 }
+            }
+            if recovering {
+                raft.runtime_config().elect(false);
+                lock(&self.recovering).insert(shard);
+                tokio::spawn(catch_up(self.clone(), shard, raft.clone()));
             }
             tokio::spawn(watch_leadership(self.id, shard, raft.clone()));
             let entry = Arc::new(Shard {
@@ -448,8 +471,14 @@ impl Node {
         loop {
             match recover::pull(&self.peers, self.id, peer, shard, data).await {
                 Ok(p) => {
-                    let Some(upto) = p.header.last_applied else {
-                        // The peer has a group but nothing applied yet: just join it.
+                    // A group that has not yet had a leader (the peer bootstrapped it a moment
+                    // before us, at cluster creation) holds nothing anyone acknowledged: join it
+                    // as a fresh member. Marking such a shard "recovering" could leave a new
+                    // cluster without enough voters to elect its first leader.
+                    let established = p.header.vote.is_some_and(|v| v.is_committed());
+                    let Some(upto) = p.header.last_applied.filter(|l| established && l.index > 0)
+                    else {
+                        self.state.set_recovering(shard, false)?;
                         return Ok(());
                     };
                     let applied = crate::state::Applied {
@@ -494,12 +523,20 @@ impl Node {
         }
     }
 
-    /// Graceful stop: leaderships handed to peers, Raft groups shut down, sled flushed, WAL
-    /// closed.
-    pub async fn shutdown(&self) {
-        // Hand off while still serving: the new leaders' messages must reach us.
+    /// First step of a graceful stop, while still serving: hand every leadership to a peer, so
+    /// clients are served by the new leaders (the new leaders' messages must still reach us).
+    pub async fn prepare_stop(&self) {
         self.handoff_all().await;
+    }
+
+    /// Stops the gRPC server (it finishes the requests it has) and every background task.
+    pub fn stop_serving(&self) {
         let _ = self.stop_tx.send(true);
+    }
+
+    /// Last step: Raft groups shut down, sled flushed, WAL closed. Call once no request runs.
+    pub async fn shutdown(&self) {
+        self.stop_serving();
         for shard in self.shards() {
             if let Err(e) = shard.raft.shutdown().await {
                 tracing::warn!(shard = shard.id, "raft shutdown: {e}");
@@ -509,6 +546,65 @@ impl Node {
             tracing::error!("flushing state on shutdown: {e}");
         }
         self.logs.wal().close();
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Ends a shard's recovery once its log holds every entry its leader had when asked.
+async fn catch_up(node: Arc<Node>, shard: ShardId, raft: Raft) {
+    let mut stop = node.stop_signal();
+    let mut target: Option<(NodeId, u64)> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.changed() => return,
+        }
+        let m = raft.metrics().borrow().clone();
+        let Some(leader) = m.current_leader.filter(|l| *l != node.id) else {
+            continue;
+        };
+        if target.is_none_or_different(leader) {
+            // Ask the leader how far its log goes; everything committed so far is in there.
+            let Some(mut client) = node.peers.cluster(leader) else { continue };
+            let mut req = tonic::Request::new(crate::pb::StatusRequest {});
+            req.set_timeout(Duration::from_secs(1));
+            let Ok(reply) = client.status(req).await else { continue };
+            let reply = reply.into_inner();
+            let Some(s) = reply.shards.iter().find(|s| s.shard == shard && s.role == "Leader") else {
+                continue;
+            };
+            target = Some((leader, s.last_log_index));
+        }
+        let Some((_, want)) = target else { continue };
+        if m.last_log_index.unwrap_or(0) >= want {
+            if let Err(e) = node.state.set_recovering(shard, false) {
+                tracing::error!(KV_SHARD = shard, "cannot clear the recovering mark: {e}");
+                continue;
+            }
+            lock(&node.recovering).remove(&shard);
+            raft.runtime_config().elect(true);
+            tracing::info!(
+                KV_EVENT = "recover_caught_up",
+                KV_NODE = node.id,
+                KV_SHARD = shard,
+                KV_PEER = leader,
+                "shard {shard} caught up with leader {leader} (log index {want}); voting again"
+            );
+            return;
+        }
+    }
+}
+
+trait TargetExt {
+    fn is_none_or_different(&self, leader: NodeId) -> bool;
+}
+
+impl TargetExt for Option<(NodeId, u64)> {
+    fn is_none_or_different(&self, leader: NodeId) -> bool {
+        self.map_or(true, |(l, _)| l != leader)
     }
 }
 

@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, VoteRequest, VoteResponse};
 use openraft::Snapshot;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -174,7 +174,20 @@ impl pb::cluster_server::Cluster for ClusterService {
             }
             Ok(pb::RaftKind::Vote) => {
                 let rpc: VoteRequest<NodeId> = decode(&r.payload)?;
-                encode(&shard.raft.vote(rpc).await)?
+                if self.node.is_recovering(r.shard) {
+                    // Lost its disk, not caught up: a vote from it could elect a leader missing
+                    // committed entries. Refuse (always safe in Raft).
+                    let m = shard.raft.metrics().borrow().clone();
+                    let resp: Result<VoteResponse<NodeId>, openraft::error::RaftError<NodeId>> =
+                        Ok(VoteResponse {
+                            vote: if m.vote > rpc.vote { m.vote } else { rpc.vote },
+                            vote_granted: false,
+                            last_log_id: m.last_applied,
+                        });
+                    encode(&resp)?
+                } else {
+                    encode(&shard.raft.vote(rpc).await)?
+                }
             }
             _ => {
                 return Err(Status::invalid_argument(format!(
@@ -243,6 +256,9 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::CampaignReply>, Status> {
         let r = req.into_inner();
         let shard = self.shard(r.shard)?;
+        if self.node.is_recovering(r.shard) {
+            return Ok(Response::new(pb::CampaignReply { started: false }));
+        }
         // Campaign once the old leader's lease has run out; answer at once.
         let after = Duration::from_millis(r.after_ms.min(10_000));
         let raft = shard.raft.clone();
@@ -283,6 +299,8 @@ impl pb::cluster_server::Cluster for ClusterService {
                     applied_index: m.last_applied.map_or(0, |l| l.index),
                     role: format!("{:?}", m.state),
                     preferred_leader: node.placement.preferred_leader(s.id),
+                    last_log_index: m.last_log_index.unwrap_or(0),
+                    recovering: node.is_recovering(s.id),
                 }
             })
             .collect();

@@ -84,6 +84,22 @@ impl StateDb {
         Ok(())
     }
 
+    /// Marks shard `shard` as rebuilt after a disk loss and not yet caught up (durably).
+    pub fn set_recovering(&self, shard: ShardId, on: bool) -> Result<(), StateError> {
+        let key = format!("recovering/{shard}").into_bytes();
+        if on {
+            self.meta.insert(key, &[1u8])?;
+        } else {
+            self.meta.remove(key)?;
+        }
+        self.meta.flush()?;
+        Ok(())
+    }
+
+    pub fn is_recovering(&self, shard: ShardId) -> Result<bool, StateError> {
+        Ok(self.meta.contains_key(format!("recovering/{shard}").into_bytes())?)
+    }
+
     /// Whether any shard has state in this database.
     pub fn is_empty(&self) -> bool {
         self.meta.is_empty() && self.db.tree_names().len() <= 2

@@ -127,8 +127,14 @@ async fn run(config: Config, id: u64, data_dir: PathBuf) -> ExitCode {
     shutdown_signal().await;
     tracing::info!(KV_NODE = id, "stopping");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    // Hand off leaderships while serving; then stop accepting and let in-flight requests finish
+    // (their writes must not be cut off mid-commit); only then stop Raft and storage.
+    node.prepare_stop().await;
+    node.stop_serving();
+    if tokio::time::timeout(Duration::from_secs(10), server).await.is_err() {
+        tracing::warn!(KV_NODE = id, "requests still running after 10 s; stopping anyway");
+    }
     node.shutdown().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     tracing::info!(KV_NODE = id, "stopped");
     ExitCode::SUCCESS
 }

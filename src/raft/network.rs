@@ -66,9 +66,14 @@ impl CallError {
     fn is_unreachable(&self) -> bool {
         match self {
             CallError::UnknownPeer(_) => true,
+            // NotFound: the peer is up but has not started this shard yet (still recovering it).
+            // Unreachable makes openraft back off instead of retrying in a tight loop.
             CallError::Status(s) => matches!(
                 s.code(),
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                tonic::Code::Unavailable
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+                    | tonic::Code::NotFound
             ),
             CallError::Decode(_) => false,
         }
