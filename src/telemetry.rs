@@ -3,7 +3,13 @@
 //!
 //! Events that operators query carry `KV_EVENT` and `KV_NODE`, and where they apply `KV_PEER`
 //! and `KV_SHARD`. The level comes from `RUST_LOG`, else the config's `log_level`, else `info`.
+//!
+//! In the journal, field names are the tracing field names upper-cased with no prefix
+//! (`KV_EVENT=peer_down`, `KV_PEER=1`, `SHARD=3`), and `PRIORITY` follows syslog's meaning of
+//! the level: error 3, warn 4, info 6, debug and trace 7, so `journalctl -p warning` shows warnings
+//! and errors only. (tracing-journald's own default puts info at 5, "notice", and debug at 6.)
 
+use tracing_journald::{Priority, PriorityMappings};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
@@ -31,6 +37,13 @@ pub fn init(config_level: Option<&str>) -> &'static str {
         if let Ok(layer) = tracing_journald::layer() {
             let layer = layer
                 .with_field_prefix(None)
+                .with_priority_mappings(PriorityMappings {
+                    error: Priority::Error,
+                    warn: Priority::Warning,
+                    info: Priority::Informational,
+                    debug: Priority::Debug,
+                    trace: Priority::Debug,
+                })
                 .with_syslog_identifier("kvnode".into());
             if registry.with(layer).try_init().is_ok() {
                 return "journald";
