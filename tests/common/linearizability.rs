@@ -206,21 +206,10 @@ fn check_register(ops: &[&Op]) -> bool {
         if next[head_sentinel] == NIL {
             return true;
         }
-        if entry == NIL {
-            // Ran off the end without linearizing anything more: backtrack.
-            let Some((call, s)) = stack.pop() else {
-                return false;
-            };
-            let op = events[call].2;
-            state = s;
-            linearized[op / 64] &= !(1 << (op % 64));
-            unlift(&mut next, &mut prev, ret_of[op]);
-            unlift(&mut next, &mut prev, call);
-            entry = next[call];
-            continue;
-        }
-        let (_, is_ret, op) = events[entry];
-        if !is_ret {
+        // A call: try to linearize it here. A return (or the end of the list) reached before its
+        // call was linearized: undo the last choice.
+        if entry != NIL && !events[entry].1 {
+            let op = events[entry].2;
             if let Some(new_state) = apply(state, steps[op]) {
                 let mut lin = linearized.clone();
                 lin[op / 64] |= 1 << (op % 64);
@@ -235,17 +224,16 @@ fn check_register(ops: &[&Op]) -> bool {
                 }
             }
             entry = next[entry];
-        } else {
-            // An op returned before it could be linearized: undo the last choice.
-            let Some((call, s)) = stack.pop() else {
-                return false;
-            };
-            let op = events[call].2;
-            state = s;
-            linearized[op / 64] &= !(1 << (op % 64));
-            unlift(&mut next, &mut prev, ret_of[op]);
-            unlift(&mut next, &mut prev, call);
-            entry = next[call];
+            continue;
         }
+        let Some((call, s)) = stack.pop() else {
+            return false;
+        };
+        let op = events[call].2;
+        state = s;
+        linearized[op / 64] &= !(1 << (op % 64));
+        unlift(&mut next, &mut prev, ret_of[op]);
+        unlift(&mut next, &mut prev, call);
+        entry = next[call];
     }
 }
