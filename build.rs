@@ -1,10 +1,16 @@
-//! Compiles `proto/kv.proto` with tonic-build. protoc comes from the `protoc-bin-vendored`
-//! crate, so a fresh machine needs no protoc installed.
+//! Compiles `proto/kv.proto` (our API) and `proto/etcd_kv.proto` (the slice of etcd's v3 KV API
+//! that `kvctl bench --target etcd` calls) with tonic-build. protoc comes from the
+//! `protoc-bin-vendored` crate, so a fresh machine needs no protoc installed.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     if std::env::var_os("PROTOC").is_none() {
         std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?);
     }
     println!("cargo:rerun-if-changed=proto/kv.proto");
+    println!("cargo:rerun-if-changed=proto/etcd_kv.proto");
     tonic_build::configure().compile_protos(&["proto/kv.proto"], &["proto"])?;
+    // Only ever a client of etcd.
+    tonic_build::configure()
+        .build_server(false)
+        .compile_protos(&["proto/etcd_kv.proto"], &["proto"])?;
     Ok(())
 }

@@ -20,6 +20,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod balance;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod heartbeat;

@@ -56,6 +56,8 @@ enum Cmd {
         #[arg(long, default_value_t = 5000)]
         port: u16,
     },
+    /// Closed-loop load generator: workloads, clients, duration; --target etcd too.
+    Bench(kvstore::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -102,6 +104,15 @@ async fn run(args: Args) -> ExitCode {
     if let Some(Cmd::Demo { dir, port }) = &args.command {
         return demo(dir, *port, timeout).await;
     }
+    if let Some(Cmd::Bench(b)) = &args.command {
+        return match endpoints(&args) {
+            Ok(e) => kvstore::bench::main(b, &e, timeout).await,
+            Err(e) => {
+                eprintln!("kvctl: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     let client =
         match endpoints(&args).and_then(|e| Client::new(&e, timeout).map_err(|e| e.to_string())) {
             Ok(c) => c,
@@ -145,7 +156,7 @@ async fn run(args: Args) -> ExitCode {
             print_status(&s.value);
             0
         })),
-        Some(Cmd::Demo { .. }) => ExitCode::SUCCESS,
+        Some(Cmd::Demo { .. }) | Some(Cmd::Bench(_)) => ExitCode::SUCCESS,
     }
 }
 
