@@ -104,7 +104,7 @@ impl Client {
                         endpoint: endpoint.clone(),
                     });
                 }
-                Err(s) if s.code() == Code::InvalidArgument => {
+                Err(s) if matches!(s.code(), Code::InvalidArgument | Code::ResourceExhausted) => {
                     return Err(ClientError::InvalidArgument(s.message().to_string()))
                 }
                 Err(s) if write && !crate::router::not_executed(&s) => {

@@ -138,6 +138,8 @@ pub struct Node {
     shards: RwLock<HashMap<ShardId, Arc<Shard>>>,
     initialized: std::sync::atomic::AtomicBool,
     stop_tx: watch::Sender<bool>,
+    /// Set once a shard's Raft group died of a storage error or a panic (see [`Node::fatal`]).
+    fatal_tx: watch::Sender<Option<String>>,
     /// Shards rebuilt after this node lost its disk and not yet caught up with a leader: they
     /// must not vote or campaign (see [`Node::is_recovering`]).
     recovering: std::sync::Mutex<std::collections::HashSet<ShardId>>,
@@ -202,26 +204,30 @@ impl Node {
         self.stop_tx.subscribe()
     }
 
+    /// Resolves once a shard's Raft group has died of a storage error (a failed WAL write or
+    /// fsync, which poisons the WAL for good, or a sled error) or a panic, with a description.
+    ///
+    /// Such a node must not go on: its dead groups would neither serve nor step aside (a dead
+    /// leader still looks like the leader to this node's router), and every later WAL write
+    /// fails anyway. The caller exits non-zero, so the supervisor restarts the node and WAL
+    /// recovery decides what survived (a restart is what the WAL's fsyncgate rule asks for).
+    pub async fn fatal(&self) -> String {
+        let mut rx = self.fatal_tx.subscribe();
+        loop {
+            if let Some(reason) = rx.borrow_and_update().clone() {
+                return reason;
+            }
+            if rx.changed().await.is_err() {
+                // Unreachable while `self` lives (it owns the sender); never resolve then.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     fn raft_config(&self) -> Result<Arc<openraft::Config>, StartError> {
-        let c = &self.config;
-        let cfg = openraft::Config {
-            cluster_name: c.cluster_name.clone(),
-            heartbeat_interval: c.raft_heartbeat_ms,
-            election_timeout_min: c.election_timeout_ms,
-            election_timeout_max: c.election_timeout_ms * 2,
-            install_snapshot_timeout: 60_000,
-            // openraft gives one append-entries RPC a raft heartbeat interval to complete; with values
-            // up to 1 MiB, a batch must stay small enough to cross in that time.
-            max_payload_entries: 16,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_logs),
-            // Entries kept past a snapshot, so a follower that is only a little behind catches up
-            // from the log instead of a whole snapshot.
-            max_in_snapshot_log_to_keep: c.snapshot_logs.min(1000),
-            ..Default::default()
-        };
-        cfg.validate()
+        raft_config(&self.config)
             .map(Arc::new)
-            .map_err(|e| StartError::Raft(e.to_string()))
+            .map_err(StartError::Raft)
     }
 
     /// Opens the data dir and binds the listener; nothing runs yet.
@@ -255,19 +261,41 @@ impl Node {
             fsync: config.fsync,
             ..Default::default()
         })?;
-        let state = StateDb::open(&data_dir.join("state"))?;
+        let state_dir = data_dir.join("state");
+        let state = StateDb::open(&state_dir).map_err(|e| StartError::DataDir {
+            path: state_dir.clone(),
+            reason: format!(
+                "cannot open the state database: {}; if it is damaged, remove the data dir {} to \
+                 rebuild the node from its peers",
+                describe_state_error(&e),
+                data_dir.display()
+            ),
+        })?;
         if identity.is_none() && (!logs.shards_with_state().is_empty() || !state.is_empty()) {
             return Err(StartError::DataDir {
                 path: data_dir.to_path_buf(),
                 reason: "holds data but no IDENTITY file; refusing to guess whose it is".into(),
             });
         }
-        let listener = tokio::net::TcpListener::bind(&me.addr)
-            .await
-            .map_err(|source| StartError::Bind {
-                addr: me.addr.clone(),
-                source,
-            })?;
+        let placement =
+            Placement::new(&config.node_ids(), config.shards, config.replication_factor);
+        if identity.is_some() {
+            for shard in placement.shards_of(id) {
+                check_wal_against_state(&logs, &state, shard)
+                    .await
+                    .map_err(|reason| StartError::DataDir {
+                        path: data_dir.to_path_buf(),
+                        reason: format!(
+                            "shard {shard}: {reason}; remove this data dir to rebuild the node \
+                             from its peers"
+                        ),
+                    })?;
+            }
+        }
+        let listener = bind(&me.addr).await.map_err(|source| StartError::Bind {
+            addr: me.addr.clone(),
+            source,
+        })?;
         let peers =
             Arc::new(Peers::new(&config, id).map_err(|e| StartError::Other(e.to_string()))?);
         let health = Arc::new(Health::new(
@@ -275,9 +303,8 @@ impl Node {
             &peers,
             Duration::from_millis(config.failure_timeout_ms),
         ));
-        let placement =
-            Placement::new(&config.node_ids(), config.shards, config.replication_factor);
         let (stop_tx, _) = watch::channel(false);
+        let (fatal_tx, _) = watch::channel(None);
         let node = Arc::new(Node {
             id,
             config: Arc::new(config),
@@ -289,6 +316,7 @@ impl Node {
             shards: RwLock::new(HashMap::new()),
             initialized: std::sync::atomic::AtomicBool::new(identity.is_some()),
             stop_tx,
+            fatal_tx,
             leader_cache: RwLock::new(HashMap::new()),
             handoffs: Default::default(),
             recovering: Default::default(),
@@ -381,6 +409,7 @@ impl Node {
                 tokio::spawn(catch_up(self.clone(), shard, raft.clone()));
             }
             tokio::spawn(watch_leadership(self.id, shard, raft.clone()));
+            tokio::spawn(watch_fatal(self.clone(), shard, raft.clone()));
             let entry = Arc::new(Shard {
                 id: shard,
                 raft,
@@ -549,6 +578,127 @@ impl Node {
     }
 }
 
+/// The openraft config of every shard's group, from the cluster config. Pure (fuzzed with
+/// arbitrary configs): any config that passed validation gives a config or an error, never a
+/// panic.
+pub fn raft_config(c: &Config) -> Result<openraft::Config, String> {
+    let cfg = openraft::Config {
+        cluster_name: c.cluster_name.clone(),
+        heartbeat_interval: c.raft_heartbeat_ms,
+        election_timeout_min: c.election_timeout_ms,
+        election_timeout_max: c.election_timeout_ms.saturating_mul(2),
+        install_snapshot_timeout: 60_000,
+        // openraft gives one append-entries RPC a raft heartbeat interval to complete; with values
+        // up to 1 MiB, a batch must stay small enough to cross in that time.
+        max_payload_entries: 16,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(c.snapshot_logs),
+        // Entries kept past a snapshot, so a follower that is only a little behind catches up
+        // from the log instead of a whole snapshot.
+        max_in_snapshot_log_to_keep: c.snapshot_logs.min(1000),
+        ..Default::default()
+    };
+    cfg.validate().map_err(|e| e.to_string())
+}
+
+/// Pending connections the kernel queues for us (it caps this at `net.core.somaxconn`).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds `addr` ("host:port"; each resolved address in turn, like `TcpListener::bind`) with a
+/// deep listen backlog. The default of 128 overflows when many clients connect at once (say,
+/// all reconnecting after a restart), and each overflow costs a client a 1 s SYN retransmit.
+async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()
+        } else {
+            tokio::net::TcpSocket::new_v6()
+        };
+        let bound = socket.and_then(|s| {
+            s.set_reuseaddr(true)?;
+            s.bind(a)?;
+            s.listen(LISTEN_BACKLOG)
+        });
+        match bound {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the address resolves to nothing",
+        )
+    }))
+}
+
+/// sled's own text for corruption ends in an empty backtrace; say it plainly.
+fn describe_state_error(e: &crate::state::StateError) -> String {
+    match e {
+        crate::state::StateError::Sled(sled::Error::Corruption { at, .. }) => match at {
+            Some(at) => format!("sled found corrupted data (checksum mismatch at {at:?})"),
+            None => "sled found corrupted data (checksum mismatch)".to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
+/// Cross-checks a shard's WAL (its Raft log and vote) against its sled state before anything
+/// starts, on a node that has run before. Either can be damaged on its own: a WAL cut by the
+/// torn-tail rule or lost, a sled file that lost its recent updates or the whole state dir. Some
+/// combinations cannot be repaired from this node's own disk, and starting anyway would break
+/// Raft's promises (openraft also panics on some of them):
+///
+/// - the WAL has no vote for a shard that sled has applied entries of: the log was lost, and
+///   with it the vote, so the node could vote twice in one term;
+/// - sled applied entries beyond the end of the WAL, and not through a snapshot install (whose
+///   log purge may legitimately lag): the WAL lost entries it had made durable;
+/// - the WAL was trimmed past what sled has applied: sled lost entries that only it held.
+///
+/// A shard rebuilt after a disk loss and not caught up yet (`recovering`) is exempt: its log is
+/// seeded after its state, so a crash in between leaves exactly the first case.
+async fn check_wal_against_state(
+    logs: &Arc<LogManager>,
+    state: &StateDb,
+    shard: ShardId,
+) -> Result<(), String> {
+    use openraft::storage::RaftLogStorage;
+    if state.is_recovering(shard).map_err(|e| e.to_string())? {
+        return Ok(());
+    }
+    let data = state.shard(shard).map_err(|e| e.to_string())?;
+    let applied = data.applied().map_err(|e| e.to_string())?.last_applied;
+    let snapshot = data
+        .last_snapshot()
+        .map_err(|e| e.to_string())?
+        .and_then(|m| m.last_log_id);
+    let mut log = logs.shard(shard);
+    let vote = log.read_vote().await.map_err(|e| e.to_string())?;
+    let log_state = log.get_log_state().await.map_err(|e| e.to_string())?;
+    let index = |l: Option<crate::raft::LogId>| l.map_or(0, |l| l.index);
+    let (applied_i, last_i) = (index(applied), index(log_state.last_log_id));
+    let purged_i = index(log_state.last_purged_log_id);
+    if vote.is_none() && applied.is_some() {
+        return Err(format!(
+            "the state dir has applied the log up to index {applied_i}, but the write-ahead log \
+             has no record of this shard (no vote): the WAL was lost or cut"
+        ));
+    }
+    if applied_i > last_i && index(snapshot) < applied_i {
+        return Err(format!(
+            "the state dir has applied the log up to index {applied_i}, but the write-ahead log \
+             ends at index {last_i}: the WAL lost entries it had made durable"
+        ));
+    }
+    if purged_i > applied_i {
+        return Err(format!(
+            "the write-ahead log was trimmed up to index {purged_i}, but the state dir has only \
+             applied up to index {applied_i}: the state dir lost data"
+        ));
+    }
+    Ok(())
+}
+
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -568,12 +718,20 @@ async fn catch_up(node: Arc<Node>, shard: ShardId, raft: Raft) {
         };
         if target.is_none_or_different(leader) {
             // Ask the leader how far its log goes; everything committed so far is in there.
-            let Some(mut client) = node.peers.cluster(leader) else { continue };
+            let Some(mut client) = node.peers.cluster(leader) else {
+                continue;
+            };
             let mut req = tonic::Request::new(crate::pb::StatusRequest {});
             req.set_timeout(Duration::from_secs(1));
-            let Ok(reply) = client.status(req).await else { continue };
+            let Ok(reply) = client.status(req).await else {
+                continue;
+            };
             let reply = reply.into_inner();
-            let Some(s) = reply.shards.iter().find(|s| s.shard == shard && s.role == "Leader") else {
+            let Some(s) = reply
+                .shards
+                .iter()
+                .find(|s| s.shard == shard && s.role == "Leader")
+            else {
                 continue;
             };
             target = Some((leader, s.last_log_index));
@@ -605,6 +763,44 @@ trait TargetExt {
 impl TargetExt for Option<(NodeId, u64)> {
     fn is_none_or_different(&self, leader: NodeId) -> bool {
         self.map_or(true, |(l, _)| l != leader)
+    }
+}
+
+/// Reports (once per node) a shard's Raft group that died of anything but a normal shutdown.
+async fn watch_fatal(node: Arc<Node>, shard: ShardId, raft: Raft) {
+    let mut rx = raft.metrics();
+    loop {
+        let died = match &rx.borrow_and_update().running_state {
+            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
+            Err(fatal) => Some(fatal.to_string()),
+        };
+        if let Some(fatal) = died {
+            node.report_fatal(shard, format!("raft stopped: {fatal}"));
+            return;
+        }
+        if rx.changed().await.is_err() {
+            // The group's core task is gone without saying why: it panicked (its metrics
+            // sender went with it), unless this node is stopping.
+            if !*node.stop_tx.borrow() {
+                node.report_fatal(shard, "raft task ended unexpectedly (panicked)".into());
+            }
+            return;
+        }
+    }
+}
+
+impl Node {
+    fn report_fatal(&self, shard: ShardId, what: String) {
+        let reason = format!("shard {shard}: {what}");
+        tracing::error!(KV_NODE = self.id, KV_SHARD = shard, "{reason}");
+        self.fatal_tx.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 

@@ -31,6 +31,8 @@ pub const NOT_EXECUTED: &str = "kv-not-executed";
 /// Whether a failed request certainly did not execute, so sending it again cannot apply it twice.
 pub fn not_executed(s: &Status) -> bool {
     s.metadata().contains_key(NOT_EXECUTED)
+        // Refused by the size limit before it was decoded.
+        || s.code() == tonic::Code::ResourceExhausted
         || (s.code() == tonic::Code::Unavailable
             && (s.message().contains("tcp connect error")
                 || s.message().contains("error trying to connect")

@@ -1,5 +1,9 @@
 //! The gRPC services of a node, on one port: `kv.v1.KeyValue` for clients and `kv.v1.Cluster`
 //! for peers. Input is validated here and errors are mapped to gRPC status codes once.
+//!
+//! Also the server's resource limits ([`incoming`] and the constants below): a bounded number of
+//! connections, each of which must send its HTTP/2 preface promptly, so that idle or abusive
+//! connections can neither use up the file descriptors the WAL and sled need nor pile up.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -20,11 +24,193 @@ use crate::router::{Op, Outcome, FORWARDED};
 pub const MAX_KEY: usize = 4 * 1024;
 pub const MAX_VALUE: usize = 1024 * 1024;
 
+/// Largest `kv.v1.KeyValue` message decoded or encoded: room for the largest key and value with
+/// headroom to raise the value limit, yet far below the peer service's limit
+/// ([`crate::peers::MAX_MESSAGE`], 256 MiB), since the server buffers a whole message before
+/// decoding it. A larger message is refused with `RESOURCE_EXHAUSTED` without being buffered.
+pub const MAX_CLIENT_MESSAGE: usize = 8 * 1024 * 1024;
+const _: () = assert!(MAX_KEY + MAX_VALUE + 1024 < MAX_CLIENT_MESSAGE);
+
+/// HTTP/2 streams (requests in flight) per connection. A peer multiplexes every shard's Raft
+/// traffic and its forwarded requests over one connection, so this is generous; beyond it a
+/// client's requests queue on its side. It bounds what one connection can make the node hold.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
+/// HTTP/2 keepalive: a connection whose peer does not answer a PING within the timeout is
+/// closed, dropping whatever responses it was not reading.
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection must send the 24-byte HTTP/2 client preface within this time, or is closed.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const PREFACE_LEN: usize = 24;
+
+/// File descriptors kept free for the WAL, sled and outgoing peer connections.
+const FD_RESERVE: usize = 256;
+const MAX_CONNECTIONS_CAP: usize = 16_384;
+
+/// How many client and peer connections the node accepts at once: its soft open-files limit
+/// (from `/proc/self/limits`, else 1024) minus [`FD_RESERVE`], at least 64 and at most 16,384.
+/// Running out of descriptors would make the next WAL segment or sled file fail to open.
+pub fn max_connections() -> usize {
+    let soft = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3))
+                .and_then(|v| v.parse::<usize>().ok())
+        })
+        .unwrap_or(1024);
+    soft.saturating_sub(FD_RESERVE)
+        .clamp(64, MAX_CONNECTIONS_CAP)
+}
+
+/// An accepted connection: holds one of the [`incoming`] permits until it closes, and fails its
+/// reads if the HTTP/2 preface has not arrived within [`HANDSHAKE_TIMEOUT`].
+pub struct Conn {
+    io: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    handshake: Option<Pin<Box<tokio::time::Sleep>>>,
+    received: usize,
+}
+
+impl tonic::transport::server::Connected for Conn {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.io.connect_info()
+    }
+}
+
+impl tokio::io::AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::future::Future;
+        use std::task::Poll;
+        let before = buf.filled().len();
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.received += buf.filled().len() - before;
+                if this.received >= PREFACE_LEN {
+                    this.handshake = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let expired = match this.handshake.as_mut() {
+                    Some(deadline) => deadline.as_mut().poll(cx).is_ready(),
+                    None => false,
+                };
+                if expired {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no HTTP/2 preface within the handshake timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            other => other,
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The server's accepted connections, for `serve_with_incoming`: at most `max_connections` open
+/// at once (beyond that, new ones wait in the listen backlog until one closes), `TCP_NODELAY` on
+/// each, and accept errors such as "too many open files" answered with a short pause instead of
+/// a busy loop.
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+    max_connections: usize,
+) -> impl Stream<Item = std::io::Result<Conn>> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let state = (listener, permits, None::<Instant>);
+    futures::stream::unfold(state, move |(listener, permits, mut warned)| async move {
+        loop {
+            if permits.available_permits() == 0
+                && warned.map_or(true, |t| t.elapsed() > Duration::from_secs(10))
+            {
+                tracing::warn!(
+                    max_connections,
+                    "connection limit reached; new connections wait until one closes"
+                );
+                warned = Some(Instant::now());
+            }
+            let permit = permits.clone().acquire_owned().await.ok()?;
+            match listener.accept().await {
+                Ok((io, _)) => {
+                    let _ = io.set_nodelay(true);
+                    let conn = Conn {
+                        io,
+                        _permit: permit,
+                        handshake: Some(Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT))),
+                        received: 0,
+                    };
+                    return Some((Ok(conn), (listener, permits, warned)));
+                }
+                Err(e) => {
+                    drop(permit);
+                    // Out of descriptors or memory: pause rather than spin on the error.
+                    let starved = matches!(e.raw_os_error(), Some(23 | 24 | 12 | 105));
+                    if starved && warned.map_or(true, |t| t.elapsed() > Duration::from_secs(10)) {
+                        tracing::warn!("accepting a connection failed: {e}; pausing accepts");
+                        warned = Some(Instant::now());
+                    }
+                    if starved {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    })
+}
+
 pub struct KeyValueService {
     pub node: Arc<Node>,
 }
 
-fn check_key(key: &[u8]) -> Result<(), Status> {
+/// Validates a client's key: 1 to [`MAX_KEY`] bytes. Pure, so fuzz targets call it too.
+pub fn check_key(key: &[u8]) -> Result<(), Status> {
     if key.is_empty() {
         return Err(Status::invalid_argument("key must not be empty"));
     }
@@ -37,6 +223,41 @@ fn check_key(key: &[u8]) -> Result<(), Status> {
     Ok(())
 }
 
+/// Validates a client's put: [`check_key`], and a value of at most [`MAX_VALUE`] bytes.
+pub fn check_put(key: &[u8], value: &[u8]) -> Result<(), Status> {
+    check_key(key)?;
+    if value.len() > MAX_VALUE {
+        return Err(Status::invalid_argument(format!(
+            "value is {} bytes; the limit is {MAX_VALUE}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A decoded `kv.v1.Cluster/Raft` message.
+pub enum RaftMessage {
+    Append(AppendEntriesRequest<TypeConfig>),
+    Vote(VoteRequest<NodeId>),
+}
+
+/// Decodes the payload of a peer's `Raft` call (bincode openraft types) by its kind. Anything
+/// malformed is `INVALID_ARGUMENT`; nothing a peer sends may panic here.
+pub fn decode_raft(kind: i32, payload: &[u8]) -> Result<RaftMessage, Status> {
+    match pb::RaftKind::try_from(kind) {
+        Ok(pb::RaftKind::Append) => decode(payload).map(RaftMessage::Append),
+        Ok(pb::RaftKind::Vote) => decode(payload).map(RaftMessage::Vote),
+        _ => Err(Status::invalid_argument(format!(
+            "bad raft message kind {kind}"
+        ))),
+    }
+}
+
+/// Decodes the payload of a peer's `OfferSnapshot` call.
+pub fn decode_snapshot_offer(payload: &[u8]) -> Result<(Vote, SnapshotMeta), Status> {
+    decode(payload)
+}
+
 /// The client's deadline (grpc-timeout) when it sent one, capped by our own request timeout.
 fn deadline<T>(node: &Node, req: &Request<T>) -> Instant {
     let ours = Duration::from_millis(node.config.request_timeout_ms);
@@ -45,10 +266,19 @@ fn deadline<T>(node: &Node, req: &Request<T>) -> Instant {
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
-    Instant::now() + theirs.map_or(ours, |t| t.min(ours))
+    let now = Instant::now();
+    // A configured timeout too large to add (years) means "no deadline" in practice.
+    let within = theirs.map_or(ours, |t| t.min(ours));
+    now.checked_add(within)
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
-fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+/// Parses a `grpc-timeout` header value ("100m", "5S", ...); `None` if malformed.
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    // The unit is one ASCII letter; splitting a multi-byte last character would panic.
+    if !v.is_ascii() {
+        return None;
+    }
     let (num, unit) = v.split_at(v.len().checked_sub(1)?);
     let n: u64 = num.parse().ok()?;
     Some(match unit {
@@ -71,13 +301,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
         let r = req.into_inner();
-        check_key(&r.key)?;
-        if r.value.len() > MAX_VALUE {
-            return Err(Status::invalid_argument(format!(
-                "value is {} bytes; the limit is {MAX_VALUE}",
-                r.value.len()
-            )));
-        }
+        check_put(&r.key, &r.value)?;
         let op = Op::Put {
             key: r.key,
             value: r.value,
@@ -167,13 +391,9 @@ impl pb::cluster_server::Cluster for ClusterService {
     async fn raft(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
         let shard = self.shard(r.shard)?;
-        let payload = match pb::RaftKind::try_from(r.kind) {
-            Ok(pb::RaftKind::Append) => {
-                let rpc: AppendEntriesRequest<TypeConfig> = decode(&r.payload)?;
-                encode(&shard.raft.append_entries(rpc).await)?
-            }
-            Ok(pb::RaftKind::Vote) => {
-                let rpc: VoteRequest<NodeId> = decode(&r.payload)?;
+        let payload = match decode_raft(r.kind, &r.payload)? {
+            RaftMessage::Append(rpc) => encode(&shard.raft.append_entries(rpc).await)?,
+            RaftMessage::Vote(rpc) => {
                 if self.node.is_recovering(r.shard) {
                     // Lost its disk, not caught up: a vote from it could elect a leader missing
                     // committed entries. Refuse (always safe in Raft).
@@ -189,12 +409,6 @@ impl pb::cluster_server::Cluster for ClusterService {
                     encode(&shard.raft.vote(rpc).await)?
                 }
             }
-            _ => {
-                return Err(Status::invalid_argument(format!(
-                    "bad raft message kind {}",
-                    r.kind
-                )))
-            }
         };
         Ok(Response::new(pb::RaftReply {
             payload,
@@ -208,7 +422,7 @@ impl pb::cluster_server::Cluster for ClusterService {
     ) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
         let shard = self.shard(r.shard)?;
-        let (vote, meta): (Vote, SnapshotMeta) = decode(&r.payload)?;
+        let (vote, meta) = decode_snapshot_offer(&r.payload)?;
         let pulled = recover::pull(&self.node.peers, self.node.id, r.from, r.shard, &shard.data)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -310,5 +524,99 @@ impl pb::cluster_server::Cluster for ClusterService {
             shards,
             shard_count: node.config.shards,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_stream::StreamExt;
+
+    /// Found by the `kv_requests` fuzz target: a value ending in a multi-byte character made
+    /// `split_at` panic. (Header values reach it only as ASCII today, but the function is pub.)
+    #[test]
+    fn grpc_timeout_parsing_never_panics() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(
+            parse_grpc_timeout("99999999999999999999H"),
+            None,
+            "does not fit a u64"
+        );
+        assert!(parse_grpc_timeout(&format!("{}H", u64::MAX)).is_some());
+        for bad in ["", "m", "1é", "é", "1x", "-1m", "1 m"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn put_validation_matches_the_documented_limits() {
+        assert!(check_put(b"k", &[0u8; MAX_VALUE]).is_ok());
+        assert!(check_put(&[b'k'; MAX_KEY], b"").is_ok());
+        for (k, v) in [
+            (&b""[..], &b"v"[..]),
+            (&[b'k'; MAX_KEY + 1][..], &b"v"[..]),
+            (&b"k"[..], &[0u8; MAX_VALUE + 1][..]),
+        ] {
+            let err = check_put(k, v).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        }
+        assert!(decode_raft(99, b"").is_err());
+        assert!(decode_raft(1, &[0xff; 17]).is_err());
+        assert!(decode_snapshot_offer(&[0xff; 3]).is_err());
+    }
+
+    #[test]
+    fn connection_limit_follows_the_fd_limit() {
+        let n = max_connections();
+        assert!((64..=MAX_CONNECTIONS_CAP).contains(&n), "{n}");
+    }
+
+    /// At most `max` connections are accepted at once; the next waits until one closes. A
+    /// connection that sends no preface is closed after the handshake timeout.
+    #[tokio::test]
+    async fn incoming_caps_connections_and_times_out_silent_ones() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut conns = Box::pin(incoming(listener, 2));
+        let _a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let first = conns.next().await.unwrap().unwrap();
+        let _b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let second = conns.next().await.unwrap().unwrap();
+        let _c = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let third = tokio::time::timeout(Duration::from_millis(300), conns.next()).await;
+        assert!(
+            third.is_err(),
+            "a third connection was accepted over the limit of 2"
+        );
+        drop(first);
+        let third = tokio::time::timeout(Duration::from_secs(5), conns.next())
+            .await
+            .expect("accepted once a permit is free")
+            .unwrap()
+            .unwrap();
+        drop(second);
+
+        // A connection that sends its preface is left alone; reads go through.
+        let mut talker = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut served = tokio::time::timeout(Duration::from_secs(5), conns.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        talker.write_all(&[b'x'; PREFACE_LEN]).await.unwrap();
+        let mut buf = [0u8; PREFACE_LEN];
+        served.read_exact(&mut buf).await.unwrap();
+        assert_eq!(buf, [b'x'; PREFACE_LEN]);
+
+        // The silent one errors out once the handshake timeout has passed.
+        let mut silent = third;
+        silent.handshake = Some(Box::pin(tokio::time::sleep(Duration::from_millis(100))));
+        let err = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+            .await
+            .expect("the handshake deadline fires")
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
     }
 }

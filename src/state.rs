@@ -97,7 +97,9 @@ impl StateDb {
     }
 
     pub fn is_recovering(&self, shard: ShardId) -> Result<bool, StateError> {
-        Ok(self.meta.contains_key(format!("recovering/{shard}").into_bytes())?)
+        Ok(self
+            .meta
+            .contains_key(format!("recovering/{shard}").into_bytes())?)
     }
 
     /// Whether any shard has state in this database.
@@ -215,8 +217,12 @@ impl ShardData {
         }
     }
 
+    /// Records the last snapshot's meta, durably: openraft purges the log up to (a little
+    /// before) it right after, and after a crash the meta must not be older than that purge
+    /// (openraft refuses such a state; the node's start-up cross-check would too).
     pub fn save_snapshot_meta(&self, meta: &SnapshotMeta) -> Result<(), StateError> {
         self.db.meta.insert(snap_key(self.shard), encode(meta))?;
+        self.db.meta.flush()?;
         Ok(())
     }
 
@@ -242,9 +248,20 @@ impl ShardData {
     }
 
     /// Makes a filled staging tree the shard's live state, durably, then drops the old one.
+    ///
+    /// The snapshot meta (`applied`'s log id and membership) is recorded in the same flush as the
+    /// generation switch: otherwise a crash right after could leave the shard applied beyond both
+    /// its log and its last snapshot, which looks exactly like a WAL that lost entries. Callers
+    /// may save a meta with their own snapshot id afterwards.
     pub fn finish_install(&self, staging: Staging, applied: &Applied) -> Result<(), StateError> {
         staging.tree.insert(APPLIED_KEY, encode(applied))?;
         staging.tree.flush()?;
+        let meta = SnapshotMeta {
+            last_log_id: applied.last_applied,
+            last_membership: applied.membership.clone(),
+            snapshot_id: crate::raft::state_machine::snapshot_id(applied.last_applied),
+        };
+        self.db.meta.insert(snap_key(self.shard), encode(&meta))?;
         self.db
             .meta
             .insert(gen_key(self.shard), encode(&staging.gen))?;

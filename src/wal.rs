@@ -100,6 +100,24 @@
 //!   record looks like damage followed by an intact record, and open refuses.
 //! * `done` callbacks run on the flusher thread; they must be quick and must not block on
 //!   another flush. A panicking callback is caught and logged.
+//!
+//! # Testing hook: `KV_WAL_FAULT` (never set it in production)
+//!
+//! [`Wal::open`] reads the environment variable `KV_WAL_FAULT` once. Unset (the normal case), it
+//! costs nothing. Set, it injects one fault, so that process tests can check what the node does
+//! when its disk misbehaves. `N` counts from 1 and only counts I/O issued *after* open returned
+//! (the syncs of open itself and of its replay are not counted); syncs are only issued, and so
+//! only counted, with `fsync = true`.
+//!
+//! | value | effect |
+//! |---|---|
+//! | `fsync:N` | the N-th fsync/fdatasync (segment or directory) fails with an I/O error |
+//! | `write:N` | the N-th write of records into a segment fails with an I/O error, writing nothing |
+//! | `crash_before_fsync:N` | the process aborts (`std::process::abort`) just before the N-th fsync |
+//! | `crash_after_write:N` | the process aborts right after the N-th write, before any fsync covers it |
+//!
+//! Anything else refuses to open. The hook logs a warning at open, and aborts print one line
+//! on stderr first, so a fault injected by mistake is visible.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -255,6 +273,83 @@ struct Counters {
     flush_rounds: AtomicU64,
 }
 
+/// The environment variable of the fault-injection testing hook (module docs).
+pub const ENV_FAULT: &str = "KV_WAL_FAULT";
+
+/// Which fault the `KV_WAL_FAULT` testing hook injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    Fsync,
+    Write,
+    CrashBeforeFsync,
+    CrashAfterWrite,
+}
+
+/// A fault of the testing hook: `kind` hits the `nth` (from 1) sync or write after open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub kind: FaultKind,
+    pub nth: u64,
+}
+
+impl Fault {
+    /// Parses `fsync:N`, `write:N`, `crash_before_fsync:N` or `crash_after_write:N` (N >= 1).
+    pub fn parse(text: &str) -> Result<Fault, String> {
+        let bad = || {
+            format!(
+                "{ENV_FAULT}={text:?}: expected fsync:N, write:N, crash_before_fsync:N or \
+                 crash_after_write:N with N >= 1"
+            )
+        };
+        let (kind, n) = text.trim().split_once(':').ok_or_else(bad)?;
+        let kind = match kind {
+            "fsync" => FaultKind::Fsync,
+            "write" => FaultKind::Write,
+            "crash_before_fsync" => FaultKind::CrashBeforeFsync,
+            "crash_after_write" => FaultKind::CrashAfterWrite,
+            _ => return Err(bad()),
+        };
+        let nth: u64 = n.parse().map_err(|_| bad())?;
+        if nth == 0 {
+            return Err(bad());
+        }
+        Ok(Fault { kind, nth })
+    }
+
+    /// The fault named by `KV_WAL_FAULT`, if it is set.
+    fn from_env() -> Result<Option<Fault>, String> {
+        match std::env::var(ENV_FAULT) {
+            Ok(v) if v.trim().is_empty() => Ok(None),
+            Ok(v) => Fault::parse(&v).map(Some),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => {
+                Err(format!("{ENV_FAULT} is not valid UTF-8"))
+            }
+        }
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self.kind {
+            FaultKind::Fsync => "fsync",
+            FaultKind::Write => "write",
+            FaultKind::CrashBeforeFsync => "crash_before_fsync",
+            FaultKind::CrashAfterWrite => "crash_after_write",
+        };
+        write!(f, "{kind}:{}", self.nth)
+    }
+}
+
+/// The crash faults: one line on stderr, then abort (as a kill -9 would, no cleanup at all).
+fn crash(fault: Fault, path: &Path) -> ! {
+    eprintln!(
+        "kvnode: {ENV_FAULT}={fault}: aborting at the injected fault point ({})",
+        path.display()
+    );
+    std::process::abort()
+}
+
 /// Immutable after open.
 struct Config {
     dir: PathBuf,
@@ -264,6 +359,12 @@ struct Config {
     /// Fault injection: makes every sync fail, to test the fsyncgate path.
     #[cfg(test)]
     fail_syncs: std::sync::atomic::AtomicBool,
+    /// The `KV_WAL_FAULT` testing hook (module docs), if set.
+    fault: Option<Fault>,
+    /// Counts syncs and writes once open has finished, for `fault`.
+    fault_armed: std::sync::atomic::AtomicBool,
+    fault_syncs: AtomicU64,
+    fault_writes: AtomicU64,
 }
 
 impl Config {
@@ -279,9 +380,59 @@ impl Config {
         if self.fail_syncs.load(Ordering::SeqCst) {
             return Err(io_err(path, io::Error::other("injected fsync failure")));
         }
+        self.inject_before_sync(path)?;
         file.sync_data().map_err(|e| io_err(path, e))?;
         self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// The `fsync:N` and `crash_before_fsync:N` faults.
+    fn inject_before_sync(&self, path: &Path) -> Result<(), WalError> {
+        let Some(fault) = self.fault else {
+            return Ok(());
+        };
+        if !self.fault_armed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let n = self.fault_syncs.fetch_add(1, Ordering::SeqCst) + 1;
+        match fault.kind {
+            FaultKind::Fsync if n == fault.nth => Err(io_err(
+                path,
+                io::Error::other(format!("injected fsync failure ({ENV_FAULT}={fault})")),
+            )),
+            FaultKind::CrashBeforeFsync if n == fault.nth => crash(fault, path),
+            _ => Ok(()),
+        }
+    }
+
+    /// The `write:N` fault (before the write) and `crash_after_write:N` (after it).
+    fn inject_write(&self, path: &Path, written: bool) -> Result<(), WalError> {
+        let Some(fault) = self.fault else {
+            return Ok(());
+        };
+        if !self.fault_armed.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        match (fault.kind, written) {
+            (FaultKind::Write, false) => {
+                let n = self.fault_writes.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == fault.nth {
+                    return Err(io_err(
+                        path,
+                        io::Error::other(format!("injected write failure ({ENV_FAULT}={fault})")),
+                    ));
+                }
+                Ok(())
+            }
+            (FaultKind::CrashAfterWrite, true) => {
+                let n = self.fault_writes.fetch_add(1, Ordering::SeqCst) + 1;
+                if n == fault.nth {
+                    crash(fault, path);
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Makes file creations and removals in the WAL directory durable.
@@ -386,21 +537,23 @@ impl State {
             });
             encode_record(buf, payload);
             if self.offset + buf.len() as u64 >= cfg.segment_bytes {
-                self.write_buf(buf)?;
+                self.write_buf(cfg, buf)?;
                 self.rotate(cfg)?;
             }
         }
-        self.write_buf(buf)?;
+        self.write_buf(cfg, buf)?;
         Ok(positions)
     }
 
-    fn write_buf(&mut self, buf: &mut Vec<u8>) -> Result<(), WalError> {
+    fn write_buf(&mut self, cfg: &Config, buf: &mut Vec<u8>) -> Result<(), WalError> {
         if buf.is_empty() {
             return Ok(());
         }
+        cfg.inject_write(&self.path, false)?;
         self.file
             .write_all_at(buf, self.offset)
             .map_err(|e| io_err(&self.path, e))?;
+        cfg.inject_write(&self.path, true)?;
         self.offset += buf.len() as u64;
         if let Some(seg) = self.segments.get_mut(&self.segment) {
             seg.len = self.offset;
@@ -549,8 +702,25 @@ impl Wal {
     /// `replay(pos, payload)` for each. A torn tail of the last segment is truncated (with a
     /// `warn!`); any other damage is [`WalError::Corrupt`] (module docs give the exact rule).
     /// An error from `replay` aborts open as [`WalError::Replay`].
+    ///
+    /// Also reads the `KV_WAL_FAULT` testing hook (module docs); a malformed value refuses to
+    /// open.
     pub fn open(
         opts: WalOptions,
+        replay: impl FnMut(WalPos, &[u8]) -> Result<(), String>,
+    ) -> Result<Wal, WalError> {
+        let fault = Fault::from_env().map_err(|reason| {
+            io_err(
+                &opts.dir,
+                io::Error::new(io::ErrorKind::InvalidInput, reason),
+            )
+        })?;
+        Wal::open_with_fault(opts, fault, replay)
+    }
+
+    fn open_with_fault(
+        opts: WalOptions,
+        fault: Option<Fault>,
         mut replay: impl FnMut(WalPos, &[u8]) -> Result<(), String>,
     ) -> Result<Wal, WalError> {
         let cfg = Config {
@@ -560,6 +730,10 @@ impl Wal {
             counters: Counters::default(),
             #[cfg(test)]
             fail_syncs: std::sync::atomic::AtomicBool::new(false),
+            fault,
+            fault_armed: std::sync::atomic::AtomicBool::new(false),
+            fault_syncs: AtomicU64::new(0),
+            fault_writes: AtomicU64::new(0),
         };
         prepare_dir(&cfg)?;
         let numbers = list_segments(&cfg.dir)?;
@@ -646,6 +820,13 @@ impl Wal {
             next = %next,
             "WAL opened"
         );
+        if let Some(fault) = shared.cfg.fault {
+            warn!(
+                dir = %shared.cfg.dir.display(),
+                "testing hook {ENV_FAULT}={fault} is set: this WAL will fail on purpose"
+            );
+            shared.cfg.fault_armed.store(true, Ordering::SeqCst);
+        }
         Ok(Wal {
             shared,
             flusher: Mutex::new(Some(handle)),
@@ -2017,5 +2198,89 @@ mod tests {
         let mut only = Vec::new();
         encode_record(&mut only, b"p");
         assert!(matches!(scan_tail(&only, 0), TailScan::NoIntactRecord));
+    }
+    #[test]
+    fn fault_hook_parses_only_what_it_documents() {
+        assert_eq!(
+            Fault::parse("fsync:3"),
+            Ok(Fault {
+                kind: FaultKind::Fsync,
+                nth: 3
+            })
+        );
+        for (text, kind) in [
+            ("write:1", FaultKind::Write),
+            ("crash_before_fsync:7", FaultKind::CrashBeforeFsync),
+            (" crash_after_write:2 ", FaultKind::CrashAfterWrite),
+        ] {
+            let f = Fault::parse(text).unwrap();
+            assert_eq!(f.kind, kind);
+            assert_eq!(Fault::parse(&f.to_string()), Ok(f), "Display round-trips");
+        }
+        for bad in [
+            "", "fsync", "fsync:", "fsync:0", "fsync:-1", "fsync:x", "boom:1", ":3",
+        ] {
+            let err = Fault::parse(bad).unwrap_err();
+            assert!(err.contains(ENV_FAULT), "{err}");
+        }
+    }
+
+    #[test]
+    fn fault_hook_fsync_fails_exactly_the_nth_sync_after_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fault = Fault {
+            kind: FaultKind::Fsync,
+            nth: 3,
+        };
+        let wal = Wal::open_with_fault(opts(tmp.path()), Some(fault), |_, _| Ok(())).unwrap();
+        let mut acked = Vec::new();
+        let mut failed_at = None;
+        for i in 0..5 {
+            let pos = match wal.append(&[&payload(i)]) {
+                Ok(p) => p[0],
+                Err(e) => {
+                    assert!(matches!(e, WalError::Failed(_)), "{e}");
+                    break;
+                }
+            };
+            match flush_wait(&wal) {
+                Ok(()) => acked.push((pos, payload(i))),
+                Err(e) => {
+                    assert!(e.to_string().contains("injected fsync failure"), "{e}");
+                    failed_at = Some(i);
+                    break;
+                }
+            }
+        }
+        // Open's own syncs are not counted; the first flush also syncs the directory.
+        assert!(failed_at.is_some(), "the injected fault never fired");
+        assert!(matches!(wal.append(&[b"late"]), Err(WalError::Failed(_))));
+        drop(wal);
+        // The acknowledged records survive a reopen (without the fault).
+        let seen = replay_all(opts(tmp.path())).unwrap();
+        for rec in &acked {
+            assert!(seen.contains(rec), "acknowledged {rec:?} lost");
+        }
+    }
+
+    #[test]
+    fn fault_hook_write_failure_poisons_and_writes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fault = Fault {
+            kind: FaultKind::Write,
+            nth: 2,
+        };
+        let wal = Wal::open_with_fault(opts(tmp.path()), Some(fault), |_, _| Ok(())).unwrap();
+        let first = wal.append(&[b"one"]).unwrap()[0];
+        flush_wait(&wal).unwrap();
+        let err = wal.append(&[b"two"]).unwrap_err();
+        assert!(err.to_string().contains("injected write failure"), "{err}");
+        assert!(matches!(wal.append(&[b"three"]), Err(WalError::Failed(_))));
+        assert!(matches!(flush_wait(&wal), Err(WalError::Failed(_))));
+        drop(wal);
+        assert_eq!(
+            replay_all(opts(tmp.path())).unwrap(),
+            vec![(first, b"one".to_vec())]
+        );
     }
 }

@@ -4,7 +4,9 @@
 //! kvnode --id <N> [--config /etc/kvnode/cluster.toml] [--data-dir DIR]
 //! ```
 //! Exit status: 0 after a graceful stop (SIGTERM/SIGINT); 2 when it cannot start (bad config,
-//! unknown id, address in use, unusable or foreign data dir), with one line on stderr saying why.
+//! unknown id, address in use, unusable or foreign data dir), with one line on stderr saying why;
+//! 1 when a storage failure (a WAL write or fsync error) stops it while serving: a restart then
+//! recovers from the WAL.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,8 +18,7 @@ use kvstore::node::Node;
 use kvstore::pb::cluster_server::ClusterServer;
 use kvstore::pb::key_value_server::KeyValueServer;
 use kvstore::peers::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
-use kvstore::server::{ClusterService, KeyValueService};
-use tokio_stream::wrappers::TcpListenerStream;
+use kvstore::server::{self, ClusterService, KeyValueService};
 
 #[derive(Parser, Debug)]
 #[command(name = "kvnode", version, about = "A node of a kvstore cluster")]
@@ -89,21 +90,31 @@ async fn run(config: Config, id: u64, data_dir: PathBuf) -> ExitCode {
         .map(|a| a.to_string())
         .unwrap_or_default();
     let mut stop = node.stop_signal();
+    // Resource limits (see kvstore::server): connections, streams per connection, keepalive,
+    // and a client message limit far below the peers' (a message is buffered whole).
+    let max_connections = server::max_connections();
+    tracing::info!(
+        KV_NODE = id,
+        "accepting at most {max_connections} connections"
+    );
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_concurrent_streams(server::MAX_STREAMS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(server::KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(server::KEEPALIVE_TIMEOUT))
         .add_service(
             KeyValueServer::new(KeyValueService { node: node.clone() })
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE),
+                .max_decoding_message_size(server::MAX_CLIENT_MESSAGE)
+                .max_encoding_message_size(server::MAX_CLIENT_MESSAGE),
         )
         .add_service(
             ClusterServer::new(ClusterService { node: node.clone() })
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(server::incoming(listener, max_connections), async move {
             let _ = stop.changed().await;
         });
     let server = tokio::spawn(server);
@@ -120,23 +131,47 @@ async fn run(config: Config, id: u64, data_dir: PathBuf) -> ExitCode {
             node.shutdown().await;
             return ExitCode::SUCCESS;
         }
+        reason = node.fatal() => fatal_exit(id, &reason),
     }
     tracing::info!(KV_NODE = id, "serving on {addr}");
     notify_ready();
 
-    shutdown_signal().await;
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        reason = node.fatal() => fatal_exit(id, &reason),
+    }
     tracing::info!(KV_NODE = id, "stopping");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     // Hand off leaderships while serving; then stop accepting and let in-flight requests finish
     // (their writes must not be cut off mid-commit); only then stop Raft and storage.
     node.prepare_stop().await;
     node.stop_serving();
-    if tokio::time::timeout(Duration::from_secs(10), server).await.is_err() {
-        tracing::warn!(KV_NODE = id, "requests still running after 10 s; stopping anyway");
+    if tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            KV_NODE = id,
+            "requests still running after 10 s; stopping anyway"
+        );
     }
     node.shutdown().await;
     tracing::info!(KV_NODE = id, "stopped");
     ExitCode::SUCCESS
+}
+
+/// A shard's Raft group died of a storage error (e.g. a failed WAL fsync: the WAL refuses all
+/// further writes) or a panic. Going on would leave a node that looks alive but cannot write, so
+/// exit at once, like a crash (nothing is flushed: the WAL is the source of truth, and its
+/// recovery on the next start decides what survived). Exit 1, so systemd restarts it; if the disk
+/// is still broken, that start fails to open the WAL and exits 2, which systemd does not retry.
+fn fatal_exit(id: u64, reason: &str) -> ! {
+    tracing::error!(
+        KV_NODE = id,
+        "fatal: {reason}; exiting for a restart to recover"
+    );
+    eprintln!("kvnode: fatal: {reason}; exiting for a restart to recover");
+    std::process::exit(1)
 }
 
 /// Tells systemd (Type=notify) we serve, and keeps its watchdog fed while the runtime runs.

@@ -108,6 +108,11 @@ impl Cluster {
 
     /// Starts node `i` (appending to its log file).
     pub fn spawn(&mut self, i: usize) {
+        self.spawn_env(i, &[]);
+    }
+
+    /// Starts node `i` with extra environment variables (e.g. the WAL's `KV_WAL_FAULT` hook).
+    pub fn spawn_env(&mut self, i: usize, env: &[(&str, &str)]) {
         assert!(self.children[i].is_none(), "node {i} is already running");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -121,6 +126,7 @@ impl Cluster {
             .arg("--data-dir")
             .arg(self.data_dir(i))
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -178,6 +184,31 @@ impl Cluster {
         }
     }
 
+    /// The process id of node `i`, if it was started and not yet reaped.
+    pub fn pid(&self, i: usize) -> Option<u32> {
+        self.children[i].as_ref().map(|c| c.id())
+    }
+
+    /// Waits (bounded) for node `i` to exit on its own; reaps it and returns its status, or None
+    /// if it is still running after `timeout` (it is left running then).
+    pub fn wait_exit(&mut self, i: usize, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = match &mut self.children[i] {
+                Some(c) => c.try_wait().ok().flatten(),
+                None => return None,
+            };
+            if let Some(s) = status {
+                self.children[i] = None;
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pids(&self) -> Vec<u32> {
         self.children.iter().flatten().map(|c| c.id()).collect()
     }
@@ -212,8 +243,13 @@ impl Cluster {
                 let client = &client;
                 async move {
                     let s = client.status().await.ok()?;
-                    let ok =
-                        !s.value.shards.is_empty() && s.value.shards.iter().all(|sh| sh.has_leader);
+                    // A replica that pulled a shard from a peer at start-up does not vote until it
+                    // has caught up: wait for that too, so tests start from a settled cluster.
+                    let ok = !s.value.shards.is_empty()
+                        && s.value
+                            .shards
+                            .iter()
+                            .all(|sh| sh.has_leader && !sh.recovering);
                     ok.then_some(())
                 }
             })
