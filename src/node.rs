@@ -376,7 +376,7 @@ impl Node {
                 raft_config.clone(),
                 network,
                 self.logs.shard(shard),
-                StateMachine::new(data.clone()),
+                StateMachine::new(data.clone(), self.logs.clone()),
             )
             .await
             .map_err(|e| StartError::Raft(format!("shard {shard}: {e}")))?;

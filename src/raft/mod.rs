@@ -147,7 +147,7 @@ mod storage_suite {
                     e,
                 )
             })?;
-            Ok((dir, logs.shard(0), StateMachine::new(data)))
+            Ok((dir, logs.shard(0), StateMachine::new(data, logs.clone())))
         }
     }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StoredMembership};
 
+use super::log_store::LogManager;
 use super::{
     storage_err, Command, CommandResult, Entry, LogId, SnapshotData, SnapshotMeta, StorageError,
     TypeConfig,
@@ -25,11 +26,12 @@ pub struct Received {
 
 pub struct StateMachine {
     data: Arc<ShardData>,
+    logs: Arc<LogManager>,
 }
 
 impl StateMachine {
-    pub fn new(data: Arc<ShardData>) -> Self {
-        StateMachine { data }
+    pub fn new(data: Arc<ShardData>, logs: Arc<LogManager>) -> Self {
+        StateMachine { data, logs }
     }
 }
 
@@ -126,6 +128,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
+        // openraft lets a follower apply committed entries before its own WAL has flushed them.
+        // sled may persist what we apply at any moment, so wait for the WAL first: sled's applied
+        // index must never be ahead of what this node's WAL holds durably (start-up checks rely
+        // on it). Group commit makes this nearly free: the flush is usually done or under way.
+        self.logs
+            .wal()
+            .sync()
+            .await
+            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         let results = self
             .data
             .apply(&ops, &applied)
