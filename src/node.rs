@@ -424,6 +424,12 @@ impl Node {
         Ok(())
     }
 
+    /// The replicas of `shard` other than this node.
+    fn other_replicas(&self, shard: ShardId) -> Vec<NodeId> {
+        let replicas = self.placement.replicas(shard).iter().copied();
+        replicas.filter(|r| *r != self.id).collect()
+    }
+
     /// Asks the other replicas of each shard what they hold, until every shard has a plan.
     async fn plan_fresh(&self, mine: &[ShardId]) -> Vec<(ShardId, Plan)> {
         let mut waited = 0u32;
@@ -454,13 +460,7 @@ impl Node {
             }
             let mut plans = Vec::new();
             for &shard in mine {
-                let others: Vec<NodeId> = self
-                    .placement
-                    .replicas(shard)
-                    .iter()
-                    .copied()
-                    .filter(|r| *r != self.id)
-                    .collect();
+                let others = self.other_replicas(shard);
                 let holder = others
                     .iter()
                     .find(|r| answers.get(r).is_some_and(|s| s.contains(&shard)));
@@ -536,13 +536,7 @@ impl Node {
                     attempt += 1;
                     tracing::warn!(shard, peer, attempt, "recover failed, retrying: {e}");
                     // Try the shard's other replicas in turn.
-                    let others: Vec<NodeId> = self
-                        .placement
-                        .replicas(shard)
-                        .iter()
-                        .copied()
-                        .filter(|r| *r != self.id)
-                        .collect();
+                    let others = self.other_replicas(shard);
                     if !others.is_empty() {
                         peer = others[attempt as usize % others.len()];
                     }
