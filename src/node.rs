@@ -151,7 +151,7 @@ pub struct Node {
 
 /// How a fresh node starts one shard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Plan {
+pub enum Plan {
     /// A replica has state: pull it.
     Recover(NodeId),
     /// Nobody has state and this node is the preferred leader: create the group.
@@ -198,6 +198,11 @@ impl Node {
 
     pub fn shards_with_state(&self) -> Vec<ShardId> {
         self.logs.shards_with_state()
+    }
+
+    /// [`LogManager::shard_log_states`] of this node.
+    pub fn shard_log_states(&self) -> Vec<(ShardId, u64)> {
+        self.logs.shard_log_states()
     }
 
     pub fn stop_signal(&self) -> watch::Receiver<bool> {
@@ -434,7 +439,7 @@ impl Node {
     async fn plan_fresh(&self, mine: &[ShardId]) -> Vec<(ShardId, Plan)> {
         let mut waited = 0u32;
         loop {
-            let mut answers: HashMap<NodeId, Vec<ShardId>> = HashMap::new();
+            let mut answers: HashMap<NodeId, Vec<(ShardId, u64)>> = HashMap::new();
             for p in self.peers.iter() {
                 let Some(mut client) = self.peers.cluster(p.id) else {
                     continue;
@@ -455,26 +460,18 @@ impl Node {
                         );
                         continue;
                     }
-                    answers.insert(p.id, r.shards_with_state);
+                    let logs = r.shard_logs.iter().map(|l| (l.shard, l.last_log_index));
+                    answers.insert(p.id, logs.collect());
                 }
             }
-            let mut plans = Vec::new();
-            for &shard in mine {
-                let others = self.other_replicas(shard);
-                let holder = others
-                    .iter()
-                    .find(|r| answers.get(r).is_some_and(|s| s.contains(&shard)));
-                if let Some(h) = holder {
-                    plans.push((shard, Plan::Recover(*h)));
-                } else if others.iter().all(|r| answers.contains_key(r)) {
-                    let plan = if self.placement.preferred_leader(shard) == self.id {
-                        Plan::Bootstrap
-                    } else {
-                        Plan::Join
-                    };
-                    plans.push((shard, plan));
-                }
-            }
+            let plans: Vec<(ShardId, Plan)> = mine
+                .iter()
+                .filter_map(|&shard| {
+                    let others = self.other_replicas(shard);
+                    let preferred = self.placement.preferred_leader(shard) == self.id;
+                    plan_shard(shard, &others, &answers, preferred).map(|p| (shard, p))
+                })
+                .collect();
             if plans.len() == mine.len() {
                 return plans;
             }
@@ -500,36 +497,9 @@ impl Node {
         loop {
             match recover::pull(&self.peers, self.id, peer, shard, data).await {
                 Ok(p) => {
-                    // A group that has not yet had a leader (the peer bootstrapped it a moment
-                    // before us, at cluster creation) holds nothing anyone acknowledged: join it
-                    // as a fresh member. Marking such a shard "recovering" could leave a new
-                    // cluster without enough voters to elect its first leader.
-                    let established = p.header.vote.is_some_and(|v| v.is_committed());
-                    let Some(upto) = p.header.last_applied.filter(|l| established && l.index > 0)
-                    else {
-                        self.state.set_recovering(shard, false)?;
-                        return Ok(());
-                    };
-                    let applied = crate::state::Applied {
-                        last_applied: Some(upto),
-                        membership: p.header.membership.clone(),
-                        consistent_from: p.received.consistent_from,
-                    };
-                    data.finish_install(p.received.staging, &applied)?;
-                    data.save_snapshot_meta(&crate::raft::SnapshotMeta {
-                        last_log_id: Some(upto),
-                        last_membership: p.header.membership,
-                        snapshot_id: crate::raft::state_machine::snapshot_id(Some(upto)),
-                    })?;
-                    data.flush()?;
-                    // Adopt the sender's vote (not committed), so this node does not vote twice
-                    // in a term it may have voted in before it lost its disk.
-                    let vote = p
-                        .header
-                        .vote
-                        .map(|v| openraft::Vote::new(v.leader_id.term, v.leader_id.node_id));
-                    self.logs.seed(shard, vote, upto).await?;
-                    recover::log_done(self.id, peer, shard, p.keys, p.bytes, p.started);
+                    let (keys, bytes, started) = (p.keys, p.bytes, p.started);
+                    install_recovered(&self.logs, shard, data, p).await?;
+                    recover::log_done(self.id, peer, shard, keys, bytes, started);
                     return Ok(());
                 }
                 Err(e) => {
@@ -695,6 +665,82 @@ async fn check_wal_against_state(
 
 fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The plan for one shard of a fresh node, from what the shard's `others` replicas answered
+/// (`answers`: peer → (shard, last log index) for each shard it holds state for), or `None`
+/// while it cannot be decided yet.
+///
+/// A fresh data dir is either a new node of a cluster being created or a node that lost its
+/// disk, and it cannot tell which. What decides is whether anything can have been committed in
+/// the group: an entry past index 0 (the initial membership) is committed only once a majority
+/// holds it, which includes another replica (one lost disk at a time is the fault model). So if
+/// some replica's log goes past 0, the shard is rebuilt from the replica with the longest log
+/// and must not vote until caught up ([`Plan::Recover`]); if every other replica has answered
+/// and none goes past 0, nothing was ever acknowledged and the node joins as a fresh member
+/// (the preferred leader creates the group). Anything else waits for more answers.
+pub fn plan_shard(
+    shard: ShardId,
+    others: &[NodeId],
+    answers: &HashMap<NodeId, Vec<(ShardId, u64)>>,
+    preferred: bool,
+) -> Option<Plan> {
+    let longest = others
+        .iter()
+        .filter_map(|r| {
+            let held = answers.get(r)?.iter().find(|(s, _)| *s == shard)?;
+            Some((*r, held.1))
+        })
+        .max_by_key(|(_, last)| *last);
+    if let Some((holder, last)) = longest {
+        if last > 0 {
+            return Some(Plan::Recover(holder));
+        }
+    }
+    if others.iter().all(|r| answers.contains_key(r)) {
+        Some(if preferred {
+            Plan::Bootstrap
+        } else {
+            Plan::Join
+        })
+    } else {
+        None
+    }
+}
+
+/// Installs a shard pulled from a peer into the empty `data` and seeds its log, before its Raft
+/// group starts (a node that lost its disk). Returns `false`, installing nothing, when the
+/// sender had applied nothing yet: the entries then come by replication, and the shard stays
+/// marked recovering all the same.
+pub async fn install_recovered(
+    logs: &Arc<LogManager>,
+    shard: ShardId,
+    data: &ShardData,
+    p: recover::Pulled,
+) -> Result<bool, StartError> {
+    let Some(upto) = p.header.last_applied.filter(|l| l.index > 0) else {
+        return Ok(false);
+    };
+    let applied = crate::state::Applied {
+        last_applied: Some(upto),
+        membership: p.header.membership.clone(),
+        consistent_from: p.received.consistent_from,
+    };
+    data.finish_install(p.received.staging, &applied)?;
+    data.save_snapshot_meta(&crate::raft::SnapshotMeta {
+        last_log_id: Some(upto),
+        last_membership: p.header.membership,
+        snapshot_id: crate::raft::state_machine::snapshot_id(Some(upto)),
+    })?;
+    data.flush()?;
+    // Adopt the sender's vote (not committed), so this node does not vote twice in a term it
+    // may have voted in before it lost its disk.
+    let vote = p.header.vote.map(|v| openraft::Vote {
+        committed: false,
+        ..v
+    });
+    logs.seed(shard, vote, upto).await?;
+    Ok(true)
 }
 
 /// Ends a shard's recovery once its log holds every entry its leader had when asked.

@@ -198,6 +198,45 @@ pub async fn pull(
     })
 }
 
+/// The in-process equivalent of [`stream`] + [`pull`]: copies `src` (a peer's replica of the
+/// shard, whose vote is `vote`) into a staging tree of `dst`. For the deterministic simulation
+/// (tests/sim.rs), whose nodes share one process and must not wait on other threads.
+pub fn copy_local(
+    src: &ShardData,
+    vote: Option<Vote>,
+    dst: &ShardData,
+) -> Result<Pulled, RecoverError> {
+    let started = Instant::now();
+    let applied = src.applied()?;
+    let header = Header {
+        last_applied: applied.last_applied,
+        membership: applied.membership,
+        vote,
+    };
+    let mut staging = dst.begin_install()?;
+    let mut batch = Vec::new();
+    for kv in src.scan_from(None) {
+        batch.push(kv?);
+        if batch.len() >= BATCH_PAIRS {
+            staging.put_batch(&batch)?;
+            batch.clear();
+        }
+    }
+    staging.put_batch(&batch)?;
+    let consistent_from = src.applied()?.last_applied.map_or(0, |l| l.index);
+    let (keys, bytes) = (staging.keys, staging.bytes);
+    Ok(Pulled {
+        header,
+        received: Received {
+            staging,
+            consistent_from,
+        },
+        keys,
+        bytes,
+        started,
+    })
+}
+
 /// Logs the end of a recovery, once the pulled state is installed.
 pub fn log_done(me: NodeId, peer: NodeId, shard: ShardId, keys: u64, bytes: u64, started: Instant) {
     let duration_ms = started.elapsed().as_millis() as u64;

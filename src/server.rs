@@ -385,6 +385,15 @@ impl pb::cluster_server::Cluster for ClusterService {
             initialized: self.node.is_initialized(),
             shard_count: self.node.config.shards,
             shards_with_state: self.node.shards_with_state(),
+            shard_logs: self
+                .node
+                .shard_log_states()
+                .into_iter()
+                .map(|(shard, last_log_index)| pb::ShardLogState {
+                    shard,
+                    last_log_index,
+                })
+                .collect(),
         }))
     }
 
@@ -397,13 +406,8 @@ impl pb::cluster_server::Cluster for ClusterService {
                 if self.node.is_recovering(r.shard) {
                     // Lost its disk, not caught up: a vote from it could elect a leader missing
                     // committed entries. Refuse (always safe in Raft).
-                    let m = shard.raft.metrics().borrow().clone();
                     let resp: Result<VoteResponse<NodeId>, openraft::error::RaftError<NodeId>> =
-                        Ok(VoteResponse {
-                            vote: if m.vote > rpc.vote { m.vote } else { rpc.vote },
-                            vote_granted: false,
-                            last_log_id: m.last_applied,
-                        });
+                        Ok(crate::raft::refused_vote(&shard.raft, &rpc));
                     encode(&resp)?
                 } else {
                     encode(&shard.raft.vote(rpc).await)?

@@ -161,6 +161,10 @@ pub struct WalOptions {
     pub segment_bytes: u64,
     /// `false` skips every fsync (tests and benchmarks only: nothing is durable then).
     pub fsync: bool,
+    /// `true` runs each flush on the caller's thread before [`Wal::flush`] returns, with no
+    /// flusher thread and no group commit. For the deterministic simulation (tests/sim.rs):
+    /// a single-threaded runtime with a virtual clock must never wait on another OS thread.
+    pub inline_flush: bool,
 }
 
 impl Default for WalOptions {
@@ -169,6 +173,7 @@ impl Default for WalOptions {
             dir: PathBuf::from("wal"),
             segment_bytes: 64 << 20,
             fsync: true,
+            inline_flush: false,
         }
     }
 }
@@ -355,6 +360,7 @@ struct Config {
     dir: PathBuf,
     segment_bytes: u64,
     fsync: bool,
+    inline_flush: bool,
     counters: Counters,
     /// Fault injection: makes every sync fail, to test the fsyncgate path.
     #[cfg(test)]
@@ -727,6 +733,7 @@ impl Wal {
             dir: opts.dir,
             segment_bytes: opts.segment_bytes,
             fsync: opts.fsync,
+            inline_flush: opts.inline_flush,
             counters: Counters::default(),
             #[cfg(test)]
             fail_syncs: std::sync::atomic::AtomicBool::new(false),
@@ -808,11 +815,16 @@ impl Wal {
             wake: Condvar::new(),
             remove_lock: Mutex::new(()),
         });
-        let worker = Arc::clone(&shared);
-        let handle = thread::Builder::new()
-            .name("wal-flusher".into())
-            .spawn(move || run_flusher(&worker))
-            .map_err(|e| io_err(&shared.cfg.dir, e))?;
+        let handle = if shared.cfg.inline_flush {
+            None
+        } else {
+            let worker = Arc::clone(&shared);
+            let handle = thread::Builder::new()
+                .name("wal-flusher".into())
+                .spawn(move || run_flusher(&worker))
+                .map_err(|e| io_err(&shared.cfg.dir, e))?;
+            Some(handle)
+        };
         info!(
             dir = %shared.cfg.dir.display(),
             segments = numbers.len().max(1),
@@ -829,7 +841,7 @@ impl Wal {
         }
         Ok(Wal {
             shared,
-            flusher: Mutex::new(Some(handle)),
+            flusher: Mutex::new(handle),
         })
     }
 
@@ -865,6 +877,14 @@ impl Wal {
             .counters
             .flush_requests
             .fetch_add(1, Ordering::Relaxed);
+        if self.shared.cfg.inline_flush {
+            let snapshot = {
+                let st = self.shared.lock();
+                st.check_usable().and_then(|()| st.sync_snapshot())
+            };
+            done(snapshot.and_then(|snap| self.shared.sync_round(snap)));
+            return;
+        }
         let rejected = {
             let mut st = self.shared.lock();
             match st.check_usable() {
@@ -998,6 +1018,20 @@ impl Wal {
     /// waits for it to stop. Idempotent; also run on drop. Later calls return
     /// [`WalError::Closed`].
     pub fn close(&self) {
+        if self.shared.cfg.inline_flush {
+            let snapshot = {
+                let mut st = self.shared.lock();
+                if st.closing {
+                    return;
+                }
+                st.closing = true;
+                st.sync_snapshot()
+            };
+            if let Err(e) = snapshot.and_then(|snap| self.shared.sync_round(snap)) {
+                error!(error = %e, "final WAL sync on close failed");
+            }
+            return;
+        }
         self.shared.lock().closing = true;
         self.shared.wake.notify_all();
         // Take the handle in its own statement: holding this mutex while joining would
@@ -1387,6 +1421,7 @@ mod tests {
             dir: dir.to_path_buf(),
             segment_bytes: 1 << 20,
             fsync: true,
+            inline_flush: false,
         }
     }
 
@@ -1583,6 +1618,42 @@ mod tests {
         assert_eq!(seen, vec![(pos, b"hello".to_vec())]);
     }
 
+    #[test]
+    fn inline_flush_completes_before_returning_without_a_thread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let o = WalOptions {
+            inline_flush: true,
+            ..opts(tmp.path())
+        };
+        let (wal, _) = open_collect(o.clone()).unwrap();
+        assert!(wal.flusher.lock().unwrap().is_none());
+        let opened = wal.stats().fsyncs;
+        let pos = wal.append(&[b"one"]).unwrap()[0];
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&done);
+        wal.flush(Box::new(move |r| {
+            r.unwrap();
+            flag.store(true, Ordering::SeqCst);
+        }));
+        assert!(
+            done.load(Ordering::SeqCst),
+            "inline flush returned before its callback"
+        );
+        assert_eq!(wal.stats().fsyncs, opened + 1);
+        // Nothing new: no second fsync.
+        block_on(wal.sync()).unwrap();
+        assert_eq!(wal.stats().fsyncs, opened + 1);
+        let pos2 = wal.append(&[b"two"]).unwrap()[0];
+        wal.close();
+        assert!(matches!(block_on(wal.sync()), Err(WalError::Closed)));
+        drop(wal);
+        let seen = replay_all(o).unwrap();
+        assert_eq!(
+            seen,
+            vec![(pos, b"one".to_vec()), (pos2, b"two".to_vec())],
+            "close syncs what was appended"
+        );
+    }
     #[test]
     fn torn_tail_chopped_is_truncated_and_log_continues() {
         let tmp = tempfile::tempdir().unwrap();

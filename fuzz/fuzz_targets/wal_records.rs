@@ -39,6 +39,7 @@ fuzz_target!(|data: &[u8]| {
         dir: wal_dir,
         segment_bytes: 1 << 20,
         fsync: false,
+        inline_flush: false,
     };
     if let Ok(mgr) = LogManager::open(opts) {
         let rt = tokio::runtime::Builder::new_current_thread()

@@ -33,6 +33,7 @@ fuzz_target!(|data: &[u8]| {
         dir: wal_dir,
         segment_bytes: 1 << 16,
         fsync: false,
+        inline_flush: false,
     };
     let mut replayed = 0usize;
     let Ok(wal) = Wal::open(opts.clone(), |_, _| {

@@ -174,6 +174,22 @@ impl LogManager {
         }
     }
 
+    /// Shards that have any Raft state on this node, each with the index of its last log entry
+    /// (or of the last purged one; 0 when it holds only a vote).
+    pub fn shard_log_states(&self) -> Vec<(ShardId, u64)> {
+        let mut v: Vec<(ShardId, u64)> = lock(&self.shards)
+            .iter()
+            .filter_map(|(k, s)| {
+                let s = lock(s);
+                let last = s.entries.last_key_value().map(|(i, _)| *i);
+                let last = last.or(s.last_purged.map(|l| l.index));
+                s.has_state().then_some((*k, last.unwrap_or(0)))
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Shards that have any Raft state on this node.
     pub fn shards_with_state(&self) -> Vec<ShardId> {
         let mut v: Vec<ShardId> = lock(&self.shards)
@@ -454,6 +470,7 @@ mod tests {
             dir: dir.join("wal"),
             segment_bytes: 16 * 1024,
             fsync: false,
+            inline_flush: false,
         }
     }
 

@@ -19,6 +19,7 @@
 
 pub mod log_store;
 pub mod network;
+pub mod runtime;
 pub mod state_machine;
 
 use serde::{Deserialize, Serialize};
@@ -76,6 +77,7 @@ openraft::declare_raft_types!(
         NodeId = u64,
         Node = openraft::BasicNode,
         SnapshotData = SnapshotData,
+        AsyncRuntime = runtime::KvRuntime,
 );
 
 pub type NodeId = u64;
@@ -89,6 +91,20 @@ pub type StorageError = openraft::StorageError<NodeId>;
 
 /// Shard ids are small; a u32 keeps wire and disk formats compact.
 pub type ShardId = u32;
+
+/// The answer of a replica that must not vote (a shard rebuilt after a disk loss, not caught
+/// up yet): a refusal, carrying the higher of the two votes as Raft requires.
+pub fn refused_vote(
+    raft: &Raft,
+    rpc: &openraft::raft::VoteRequest<NodeId>,
+) -> openraft::raft::VoteResponse<NodeId> {
+    let m = raft.metrics().borrow().clone();
+    openraft::raft::VoteResponse {
+        vote: if m.vote > rpc.vote { m.vote } else { rpc.vote },
+        vote_granted: false,
+        last_log_id: m.last_applied,
+    }
+}
 
 /// openraft's storage errors carry an `AnyError`; build one from anything displayable.
 pub(crate) fn storage_err(

@@ -73,10 +73,7 @@ pub fn snapshot_id(last: Option<LogId>) -> String {
         .map(|d| d.as_nanos())
         .unwrap_or_default();
     match last {
-        Some(l) => format!(
-            "{}-{}-{}-{nanos}",
-            l.leader_id.term, l.leader_id.node_id, l.index
-        ),
+        Some(l) => format!("{}-{}-{nanos}", l.leader_id.term, l.index),
         None => format!("none-{nanos}"),
     }
 }
