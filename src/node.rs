@@ -414,6 +414,12 @@ impl Node {
                 tokio::spawn(catch_up(self.clone(), shard, raft.clone()));
             }
             tokio::spawn(watch_leadership(self.id, shard, raft.clone()));
+            let me = self.clone();
+            tokio::spawn(crate::raft::break_split_votes(
+                raft.clone(),
+                self.config.election_timeout_ms,
+                move || !me.is_recovering(shard),
+            ));
             tokio::spawn(watch_fatal(self.clone(), shard, raft.clone()));
             let entry = Arc::new(Shard {
                 id: shard,

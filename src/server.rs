@@ -427,9 +427,16 @@ impl pb::cluster_server::Cluster for ClusterService {
         let r = req.into_inner();
         let shard = self.shard(r.shard)?;
         let (vote, meta) = decode_snapshot_offer(&r.payload)?;
-        let pulled = recover::pull(&self.node.peers, self.node.id, r.from, r.shard, &shard.data)
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        // The leader sends no heartbeats to us until we answer, and pulling a big shard takes
+        // a while: do not campaign meanwhile, or the leader would find us in a higher term
+        // and step down for nothing (found by tests/sim.rs).
+        shard.raft.runtime_config().elect(false);
+        let pulled =
+            recover::pull(&self.node.peers, self.node.id, r.from, r.shard, &shard.data).await;
+        if !self.node.is_recovering(r.shard) {
+            shard.raft.runtime_config().elect(true);
+        }
+        let pulled = pulled.map_err(|e| Status::unavailable(e.to_string()))?;
         let (keys, bytes, started) = (pulled.keys, pulled.bytes, pulled.started);
         let snapshot = Snapshot {
             meta,

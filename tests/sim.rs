@@ -44,7 +44,8 @@ use kvstore::raft::log_store::LogManager;
 use kvstore::raft::runtime::{seed_thread_rng, unseed_thread_rng};
 use kvstore::raft::state_machine::StateMachine;
 use kvstore::raft::{
-    refused_vote, Command, CommandResult, NodeId, Raft, ShardId, SnapshotData, TypeConfig, Vote,
+    break_split_votes, refused_vote, Command, CommandResult, NodeId, Raft, ShardId, SnapshotData,
+    TypeConfig, Vote,
 };
 use kvstore::recover::copy_local;
 use kvstore::state::{ShardData, StateDb};
@@ -397,6 +398,7 @@ impl RaftNetwork<TypeConfig> for SimLink {
         option: RPCOption,
     ) -> RaftRpcResult<VoteResponse<NodeId>> {
         let shard = self.net.shard;
+        let world = self.net.world.clone();
         let r = self
             .net
             .world
@@ -409,7 +411,18 @@ impl RaftNetwork<TypeConfig> for SimLink {
                     if lock(&n.recovering).contains(&shard) {
                         return Some(Ok(refused_vote(&s.raft, &rpc)));
                     }
-                    Some(s.raft.vote(rpc).await)
+                    let asked = rpc.vote;
+                    let r = s.raft.vote(rpc).await;
+                    if let Ok(resp) = &r {
+                        world.event(format!(
+                            "shard {shard}: node {} asked node {} for {asked}: granted {} ({})",
+                            asked.leader_id().voted_for().unwrap_or_default(),
+                            n.id,
+                            resp.vote_granted,
+                            resp.vote
+                        ));
+                    }
+                    Some(r)
                 },
             )
             .await;
@@ -586,6 +599,12 @@ impl World {
                 (id, incarnation),
                 shard,
                 raft.clone(),
+            ));
+            let n = node.clone();
+            tokio::spawn(break_split_votes(
+                raft.clone(),
+                self.raft_cfg.election_timeout_min,
+                move || !lock(&n.recovering).contains(&shard),
             ));
             lock(&node.shards).insert(shard, Arc::new(SimShard { raft, data }));
         }
@@ -1011,7 +1030,10 @@ async fn settled(world: &World, within: Duration) -> Result<(), String> {
                 };
             }
             if leaders.len() != 1 || leaders.contains(&None) {
-                why = Some(format!("shard {shard}: leaders seen {leaders:?}"));
+                why = Some(format!(
+                    "shard {shard}: leaders seen {leaders:?}; {}",
+                    describe(world, shard)
+                ));
             }
         }
         match why {
@@ -1020,6 +1042,24 @@ async fn settled(world: &World, within: Duration) -> Result<(), String> {
             Some(_) => sleep(Duration::from_millis(100)).await,
         }
     }
+}
+
+/// Each replica's view of `shard`, for a failure message.
+fn describe(world: &World, shard: ShardId) -> String {
+    let mut out = String::new();
+    for r in world.placement.replicas(shard) {
+        let _ = match world.node(*r).map(|n| (n.shard(shard), n)) {
+            None => write!(out, "[node {r} down] "),
+            Some((None, _)) => write!(out, "[node {r} shard not started] "),
+            Some((Some(s), n)) => write!(
+                out,
+                "[{} recovering={}] ",
+                *s.raft.metrics().borrow(),
+                lock(&n.recovering).contains(&shard)
+            ),
+        };
+    }
+    out
 }
 
 /// Every replica of every shard holds the same data once it has applied its leader's log.
@@ -1031,17 +1071,24 @@ async fn replicas_agree(world: &World) -> Result<(), String> {
             .iter()
             .filter_map(|r| world.node(*r).and_then(|n| n.shard(shard)))
             .collect();
-        let Some(leader) = replicas
-            .iter()
-            .find(|s| s.raft.metrics().borrow().state == ServerState::Leader)
-        else {
-            return Err(format!("shard {shard}: no leader at the end"));
+        let is_leader = |s: &&Arc<SimShard>| s.raft.metrics().borrow().state == ServerState::Leader;
+        let deadline = Instant::now() + KEEPALIVE * 2;
+        while !replicas.iter().any(|s| is_leader(&s)) && Instant::now() < deadline {
+            sleep(Duration::from_millis(100)).await;
+        }
+        let Some(leader) = replicas.iter().find(is_leader) else {
+            return Err(format!(
+                "shard {shard}: no leader at the end; {}",
+                describe(world, shard)
+            ));
         };
         let want = leader.raft.metrics().borrow().last_log_index;
         let mut contents = Vec::new();
         for s in &replicas {
             s.raft
-                .wait(Some(Duration::from_secs(10)))
+                // A follower whose answer to a snapshot offer was lost is cut off until the
+                // leader's call times out (KEEPALIVE): allow for that.
+                .wait(Some(KEEPALIVE * 2))
                 .applied_index_at_least(want, "final apply")
                 .await
                 .map_err(|e| {

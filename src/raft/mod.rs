@@ -92,6 +92,67 @@ pub type StorageError = openraft::StorageError<NodeId>;
 /// Shard ids are small; a u32 keeps wire and disk formats compact.
 pub type ShardId = u32;
 
+/// Breaks elections that repeat forever in lockstep.
+///
+/// openraft 0.9 draws a node's election timeout once, at start, and checks it only on a tick
+/// (every 1.5 heartbeat intervals). Two candidates whose ticks happen to be in phase (closer than
+/// one message delay) and whose timeouts round to the same number of ticks start every election
+/// at the same moment, each refusing the other's vote because it already voted for itself in
+/// that term. When they are the only voters left (the third replica down or rebuilding) that
+/// repeats forever (found by tests/sim.rs). This watcher notices a candidate that has gone
+/// through several terms without a leader and starts one extra election at a random moment off
+/// its tick, which the other candidate then grants.
+///
+/// Returns when the group stops. `may_campaign` is asked before each extra election (a replica
+/// still rebuilding after a disk loss must not campaign).
+pub async fn break_split_votes(
+    raft: Raft,
+    election_timeout_ms: u64,
+    may_campaign: impl Fn() -> bool,
+) {
+    use openraft::AsyncRuntime;
+    use rand::Rng;
+    let timeout = election_timeout_ms.max(1);
+    // The term of a candidate without a leader, or None; and whether the group stopped.
+    let candidate = || {
+        let m = raft.metrics();
+        let m = m.borrow();
+        let stuck = m.state == openraft::ServerState::Candidate && m.current_leader.is_none();
+        (m.running_state.is_err(), stuck.then_some(m.current_term))
+    };
+    let mut stuck_since: Option<u64> = None;
+    loop {
+        let wait = runtime::KvRuntime::thread_rng().gen_range(timeout * 2..timeout * 4);
+        tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+        let (stopped, term) = candidate();
+        if stopped {
+            return;
+        }
+        let Some(term) = term else {
+            stuck_since = None;
+            continue;
+        };
+        match stuck_since {
+            // Still a candidate, several terms later: campaign once, off the tick, unless
+            // something changed meanwhile (a leader won, or this node moved to another term).
+            Some(first) if term >= first.saturating_add(3) && may_campaign() => {
+                let jitter = runtime::KvRuntime::thread_rng().gen_range(0..timeout);
+                tokio::time::sleep(std::time::Duration::from_millis(jitter)).await;
+                if candidate().1 == Some(term) && may_campaign() {
+                    tracing::info!(
+                        term,
+                        "elections repeat without a leader; campaigning off-tick"
+                    );
+                    let _ = raft.trigger().elect().await;
+                }
+                stuck_since = None;
+            }
+            Some(_) => {}
+            None => stuck_since = Some(term),
+        }
+    }
+}
+
 /// The answer of a replica that must not vote (a shard rebuilt after a disk loss, not caught
 /// up yet): a refusal, carrying the higher of the two votes as Raft requires.
 pub fn refused_vote(
