@@ -874,3 +874,39 @@ async fn watch_leadership(me: NodeId, shard: ShardId, raft: Raft) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answers(list: &[(NodeId, &[(ShardId, u64)])]) -> HashMap<NodeId, Vec<(ShardId, u64)>> {
+        list.iter().map(|(n, s)| (*n, s.to_vec())).collect()
+    }
+
+    #[test]
+    fn a_replica_with_entries_past_the_membership_means_rebuild_from_the_longest_log() {
+        let a = answers(&[(2, &[(7, 40)]), (3, &[(7, 55)])]);
+        assert_eq!(plan_shard(7, &[2, 3], &a, true), Some(Plan::Recover(3)));
+        // One such replica is enough, even while another has not answered.
+        let a = answers(&[(2, &[(7, 1)])]);
+        assert_eq!(plan_shard(7, &[2, 3], &a, false), Some(Plan::Recover(2)));
+    }
+
+    #[test]
+    fn a_group_nobody_wrote_to_is_joined_fresh_once_everyone_answered() {
+        // A peer that only bootstrapped (membership at index 0) or voted as a candidate holds
+        // state, but nothing can have been committed: no reason to refuse votes.
+        let a = answers(&[(2, &[(7, 0)]), (3, &[])]);
+        assert_eq!(plan_shard(7, &[2, 3], &a, false), Some(Plan::Join));
+        assert_eq!(plan_shard(7, &[2, 3], &a, true), Some(Plan::Bootstrap));
+        let a = answers(&[(2, &[]), (3, &[(8, 90)])]);
+        assert_eq!(plan_shard(7, &[2, 3], &a, true), Some(Plan::Bootstrap));
+    }
+
+    #[test]
+    fn a_silent_replica_blocks_the_decision_unless_another_has_entries() {
+        let a = answers(&[(2, &[(7, 0)])]);
+        assert_eq!(plan_shard(7, &[2, 3], &a, true), None);
+        assert_eq!(plan_shard(7, &[2, 3], &HashMap::new(), true), None);
+    }
+}
