@@ -16,10 +16,10 @@
 
 use std::time::{Duration, Instant};
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, RaftError};
 use tonic::Status;
 
-use crate::node::{Node, Shard};
+use crate::node::{Node, ReadIndexError, Shard};
 use crate::pb::{DeleteRequest, GetRequest, PutRequest};
 use crate::raft::{Command, CommandResult, NodeId, ShardId};
 
@@ -248,16 +248,24 @@ impl Node {
                         )));
                     }
                 } else {
-                    let res = tokio::time::timeout(remaining, shard.raft.ensure_linearizable())
+                    // One read-index round, shared with the shard's other reads that arrived
+                    // before it started (never one that started before this read arrived).
+                    let res = tokio::time::timeout(remaining, shard.reads.wait())
                         .await
                         .map_err(|_| timed_out())?;
                     match res {
-                        Ok(_) => {}
-                        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                            return Err(LocalError::NotLeader(f.leader_id))
+                        Some(Ok(())) => {}
+                        Some(Err(ReadIndexError::NotLeader(leader))) => {
+                            return Err(LocalError::NotLeader(leader))
                         }
-                        Err(e) => {
-                            return Err(LocalError::Unavailable(format!("shard {}: {e}", shard.id)))
+                        Some(Err(ReadIndexError::Unavailable(m))) => {
+                            return Err(LocalError::Unavailable(format!("shard {}: {m}", shard.id)))
+                        }
+                        None => {
+                            return Err(LocalError::Unavailable(format!(
+                                "shard {}: read-index round abandoned",
+                                shard.id
+                            )))
                         }
                     }
                 }
