@@ -244,15 +244,15 @@ impl Node {
             }
             Op::Get { key, stale } => {
                 if *stale {
-                    let applied = shard
+                    let floor = shard
                         .data
-                        .applied()
+                        .read_floor()
                         .map_err(|e| LocalError::Unavailable(e.to_string()))?;
-                    let at = applied.last_applied.map_or(0, |l| l.index);
-                    if at < applied.consistent_from {
+                    let at = floor.applied_index;
+                    if at < floor.consistent_from {
                         return Err(LocalError::Unavailable(format!(
                             "shard {} is still catching up after recovery ({at} < {})",
-                            shard.id, applied.consistent_from
+                            shard.id, floor.consistent_from
                         )));
                     }
                 } else {
