@@ -738,6 +738,7 @@ async fn client(run: Arc<Run>, mut conns: ClientConns, seed: u64) {
             OpKind::Get => {
                 // Stale reads are served by the replica reached: not routed.
                 let (conn, routes) = conns.pick(&key, !run.stale);
+                let routes = routes.filter(|_| !run.stale);
                 let f = conn.get(key, run.stale, run.timeout, routes);
                 tokio::time::timeout_at(end, f).await
             }

@@ -11,7 +11,8 @@
 //! leader: one extra hop. To save it, the client sends writes and linearizable reads straight to
 //! the endpoint of the shard's leader when it knows it ([`Routes`]): it learns each endpoint's
 //! node id and the shard count from `Status` (asked once, in the background, on first use), and
-//! each shard's leader from the `kv-shard`/`kv-shards`/`kv-leader` headers of replies. Nothing
+//! each shard's leader from the `kv-shard`/`kv-shards`/`kv-leader` headers of the replies to
+//! writes and linearizable reads. Nothing
 //! needs configuring. The routing is only a guess: a stale or wrong one costs the forwarding hop
 //! it was meant to save, never correctness (the node still routes every request), and the retry
 //! rules above are the same whichever endpoint is tried first. Stale reads are not routed: they
@@ -366,10 +367,11 @@ impl Client {
         key: &[u8],
         stale: bool,
     ) -> Result<Served<Option<Vec<u8>>>, ClientError> {
-        // A stale read is served by the replica it reaches: not routed to the leader.
+        // A stale read is served by the replica it reaches: not routed to the leader (and its
+        // reply has no routing headers).
         let routed = (!stale).then_some(key);
         let start = self.first_endpoint(routed);
-        self.with_failover(false, start, Some(key), |mut kv, _| {
+        self.with_failover(false, start, routed, |mut kv, _| {
             let req = self.request(GetRequest {
                 key: key.to_vec(),
                 stale,

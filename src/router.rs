@@ -24,13 +24,13 @@ use crate::pb::{DeleteRequest, GetRequest, PutRequest};
 use crate::raft::{Command, CommandResult, NodeId, ShardId};
 
 pub const FORWARDED: &str = "kv-forwarded";
-/// On a "not leader" error: the leader to try. On a successful reply: the leader of the key's
-/// shard as the serving node knows it (for a write or a linearizable read, the node that just
-/// executed it as leader). Clients use it to send the shard's next requests straight there.
+/// On a "not leader" error: the leader to try. On a successful write or linearizable read: the
+/// node that executed it as the leader of the key's shard. Clients use it to send the shard's
+/// next requests straight there.
 pub const LEADER_HINT: &str = "kv-leader";
-/// On a successful reply: the key's shard (`0..kv-shards`).
+/// On a successful write or linearizable read: the key's shard (`0..kv-shards`).
 pub const SHARD_HEADER: &str = "kv-shard";
-/// On a successful reply: the cluster's shard count, so a client can compute a key's shard with
+/// On a successful write or linearizable read: the cluster's shard count, so a client can compute a key's shard with
 /// [`crate::placement::shard_for_key`] before sending it.
 pub const SHARDS_HEADER: &str = "kv-shards";
 /// Set on error replies whose request certainly did not execute (safe to send again).

@@ -297,8 +297,8 @@ fn forwarded<T>(req: &Request<T>) -> bool {
 }
 
 /// A successful reply with the routing headers: the key's shard, the shard count and, when
-/// known, the shard's leader (see [`crate::router::LEADER_HINT`]). `leader` is the node that
-/// executed a write or a linearizable read; for a stale read, this node's view of the leader.
+/// known, the shard's leader (see [`crate::router::LEADER_HINT`]): the node that executed a write
+/// or a linearizable read. Stale reads carry none.
 fn routed<T>(node: &Node, shard: u32, leader: Option<u64>, msg: T) -> Response<T> {
     let mut r = Response::new(msg);
     let md = r.metadata_mut();
@@ -341,18 +341,18 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         };
         match self.node.execute(op, fwd, deadline).await? {
             (Outcome::Get { value }, node_id) => {
-                let leader = if stale {
-                    let local = self.node.shard(shard);
-                    local.and_then(|s| s.raft.metrics().borrow().current_leader)
-                } else {
-                    Some(node_id)
-                };
                 let reply = pb::GetResponse {
                     found: value.is_some(),
                     value: value.unwrap_or_default(),
                     node_id,
                 };
-                Ok(routed(&self.node, shard, leader, reply))
+                // A stale read is served by the replica reached, not routed: no headers (they
+                // cost measurably at stale-read rates).
+                Ok(if stale {
+                    Response::new(reply)
+                } else {
+                    routed(&self.node, shard, Some(node_id), reply)
+                })
             }
             _ => Err(Status::internal("unexpected outcome for get")),
         }
