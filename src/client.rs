@@ -21,8 +21,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -39,6 +40,8 @@ const AVOID_FAILED: Duration = Duration::from_secs(1);
 /// While some endpoint's node id or the shard count is unknown, `Status` is asked again at most
 /// this often.
 const REDISCOVER: Duration = Duration::from_secs(5);
+// Times use tokio's clock, so a simulation with a paused clock sees the same routing decisions.
+
 /// Bound on each `Status` call of a discovery round.
 const DISCOVER_TIMEOUT: Duration = Duration::from_secs(1);
 
