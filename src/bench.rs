@@ -4,7 +4,10 @@
 //! offered load is whatever the cluster can absorb at that concurrency, so ops/s and latency are
 //! two views of the same run (Little's law: clients ≈ ops/s × mean latency). The clients share
 //! `--connections` gRPC channels (one HTTP/2 connection each), spread round-robin over the
-//! endpoints, since every node serves every key.
+//! endpoints, since every node serves every key. Against kvstore, writes and linearizable reads
+//! go straight to the endpoint of the key's shard leader, as [`crate::client`] sends them (at
+//! least one connection per endpoint then); `--no-routing` sends each to the client's own
+//! connection and lets the node forward it, as before.
 //!
 //! Workloads follow YCSB's core mixes: `a` 50% get / 50% put, `b` 95/5, `c` read-only, and
 //! `write` put-only. Keys are drawn uniformly or from a YCSB-style zipfian (θ = 0.99) whose hot
@@ -35,6 +38,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 use tonic::transport::Channel;
 
+use crate::client::Routes;
 use crate::pb;
 use crate::peers::MAX_MESSAGE;
 
@@ -99,6 +103,10 @@ pub struct BenchArgs {
     /// Seed of the key and operation choices [default: from the clock].
     #[arg(long)]
     pub seed: Option<u64>,
+    /// kvstore: do not send requests to the shard's leader; each client uses its own connection
+    /// and the contacted node forwards (the behaviour before shard-aware routing).
+    #[arg(long)]
+    pub no_routing: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -352,6 +360,8 @@ pub struct Report {
     pub value_size: usize,
     pub clients: u64,
     pub connections: u64,
+    /// kvstore: requests were sent to the key's shard leader (see `--no-routing`).
+    pub routed: bool,
     pub endpoints: Vec<String>,
     pub warmup_s: f64,
     pub duration_s: f64,
@@ -388,10 +398,15 @@ impl Report {
             self.reads
         ));
         s.push_str(&format!(
-            "{} clients on {} connections to {}; {:.1} s measured after {:.1} s warm-up\n",
+            "{} clients on {} connections to {}{}; {:.1} s measured after {:.1} s warm-up\n",
             self.clients,
             self.connections,
             self.endpoints.join(","),
+            if self.routed {
+                " (each request to its shard's leader)"
+            } else {
+                ""
+            },
             self.duration_s,
             self.warmup_s
         ));
@@ -495,18 +510,24 @@ impl Conn {
         })
     }
 
-    /// Whether the key has a value.
+    /// Whether the key has a value. `routes`: learn the key's shard leader from the reply.
     async fn get(
         &mut self,
         key: Vec<u8>,
         stale: bool,
         timeout: Duration,
+        routes: Option<&Routes>,
     ) -> Result<bool, tonic::Status> {
         match self {
             Conn::Kv(c) => {
+                let k = routes.map(|_| key.clone());
                 let mut r = tonic::Request::new(pb::GetRequest { key, stale });
                 r.set_timeout(timeout);
-                Ok(c.get(r).await?.into_inner().found)
+                let resp = c.get(r).await?;
+                if let (Some(routes), Some(k)) = (routes, k) {
+                    routes.learn(&k, resp.metadata());
+                }
+                Ok(resp.into_inner().found)
             }
             Conn::Etcd(c) => {
                 let mut r = tonic::Request::new(etcdpb::RangeRequest {
@@ -525,12 +546,17 @@ impl Conn {
         key: Vec<u8>,
         value: Vec<u8>,
         timeout: Duration,
+        routes: Option<&Routes>,
     ) -> Result<(), tonic::Status> {
         match self {
             Conn::Kv(c) => {
+                let k = routes.map(|_| key.clone());
                 let mut r = tonic::Request::new(pb::PutRequest { key, value });
                 r.set_timeout(timeout);
-                c.put(r).await?;
+                let resp = c.put(r).await?;
+                if let (Some(routes), Some(k)) = (routes, k) {
+                    routes.learn(&k, resp.metadata());
+                }
             }
             Conn::Etcd(c) => {
                 let mut r = tonic::Request::new(etcdpb::PutRequest {
@@ -543,6 +569,49 @@ impl Conn {
             }
         }
         Ok(())
+    }
+}
+
+/// The connections one bench client uses: its own, and (when routing) one per endpoint, so each
+/// request can go to the endpoint of its shard's leader.
+#[derive(Clone)]
+struct ClientConns {
+    own: Conn,
+    by_endpoint: Vec<Conn>,
+    routes: Option<Arc<Routes>>,
+}
+
+impl ClientConns {
+    /// `conns[i]` is connected to endpoint `i % endpoints`; client `n` gets `conns[n % len]` as
+    /// its own and, per endpoint, one of that endpoint's connections.
+    fn new(n: usize, conns: &[Conn], endpoints: usize, routes: Option<&Arc<Routes>>) -> Self {
+        let own = conns[n % conns.len()].clone();
+        let by_endpoint = match routes {
+            Some(_) => (0..endpoints)
+                .map(|e| {
+                    let mine: Vec<&Conn> = conns.iter().skip(e).step_by(endpoints).collect();
+                    mine.get(n % mine.len().max(1))
+                        .map_or_else(|| own.clone(), |c| (*c).clone())
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        ClientConns {
+            own,
+            by_endpoint,
+            routes: routes.cloned(),
+        }
+    }
+
+    /// The connection for a request on `key`; `routed`: to its shard's leader if known.
+    fn pick(&mut self, key: &[u8], routed: bool) -> (&mut Conn, Option<&Routes>) {
+        let routes = self.routes.as_deref();
+        let idx = routes.filter(|_| routed).and_then(|r| r.endpoint_for(key));
+        let conn = match idx.and_then(|i| self.by_endpoint.get_mut(i)) {
+            Some(c) => c,
+            None => &mut self.own,
+        };
+        (conn, routes)
     }
 }
 
@@ -655,7 +724,7 @@ impl Run {
     }
 }
 
-async fn client(run: Arc<Run>, mut conn: Conn, seed: u64) {
+async fn client(run: Arc<Run>, mut conns: ClientConns, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
     let end = tokio::time::Instant::from_std(run.end);
     loop {
@@ -667,11 +736,15 @@ async fn client(run: Arc<Run>, mut conn: Conn, seed: u64) {
         }
         let res = match op {
             OpKind::Get => {
-                let f = conn.get(key, run.stale, run.timeout);
+                // Stale reads are served by the replica reached: not routed.
+                let (conn, routes) = conns.pick(&key, !run.stale);
+                let routes = routes.filter(|_| !run.stale);
+                let f = conn.get(key, run.stale, run.timeout, routes);
                 tokio::time::timeout_at(end, f).await
             }
             OpKind::Put => {
-                let f = conn.put(key, run.value.clone(), run.timeout);
+                let (conn, routes) = conns.pick(&key, true);
+                let f = conn.put(key, run.value.clone(), run.timeout, routes);
                 tokio::time::timeout_at(end, async { f.await.map(|()| true) }).await
             }
         };
@@ -710,6 +783,8 @@ async fn client(run: Arc<Run>, mut conn: Conn, seed: u64) {
 async fn preload(
     args: &BenchArgs,
     conns: &[Conn],
+    endpoints: usize,
+    routes: Option<&Arc<Routes>>,
     value: &[u8],
     timeout: Duration,
 ) -> PreloadReport {
@@ -725,7 +800,7 @@ async fn preload(
     let mut tasks = Vec::new();
     for i in 0..args.preload_clients.min(args.keys) as usize {
         let (counters, next) = (counters.clone(), next.clone());
-        let mut conn = conns[i % conns.len()].clone();
+        let mut conns = ClientConns::new(i, conns, endpoints, routes);
         let (keys, value) = (args.keys, value.to_vec());
         tasks.push(tokio::spawn(async move {
             loop {
@@ -735,7 +810,9 @@ async fn preload(
                 }
                 let mut ok = false;
                 for _ in 0..3 {
-                    if conn.put(key_name(i), value.clone(), timeout).await.is_ok() {
+                    let key = key_name(i);
+                    let (conn, routes) = conns.pick(&key, true);
+                    if conn.put(key, value.clone(), timeout, routes).await.is_ok() {
                         ok = true;
                         break;
                     }
@@ -771,7 +848,7 @@ async fn probe(conns: &[Conn], endpoints: &[String], timeout: Duration) -> Resul
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
-            match conn.get(key_name(0), false, timeout).await {
+            match conn.get(key_name(0), false, timeout, None).await {
                 Ok(_) => {
                     ok = true;
                     break;
@@ -845,11 +922,28 @@ pub async fn bench(
     if endpoints.is_empty() {
         return Err("no endpoints given".into());
     }
-    let connections = args.connections.unwrap_or(8).min(args.clients);
+    let routed = args.target == Target::Kvstore && !args.no_routing;
+    let mut connections = args.connections.unwrap_or(8).min(args.clients);
+    if routed {
+        // A connection to every endpoint, so each request can go to its shard's leader.
+        connections = connections.max(endpoints.len() as u64);
+    }
     let conns = (0..connections as usize)
         .map(|i| Conn::new(args.target, &endpoints[i % endpoints.len()]))
         .collect::<Result<Vec<_>, _>>()?;
     probe(&conns, &endpoints, timeout).await?;
+    let routes = if routed {
+        let routes = Arc::new(Routes::new(endpoints.len()));
+        let channels = endpoints
+            .iter()
+            .map(|e| crate::peers::channel(e, Duration::from_secs(2)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("bad endpoint: {e}"))?;
+        routes.discover(&channels).await;
+        Some(routes)
+    } else {
+        None
+    };
 
     let seed = args.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -860,7 +954,17 @@ pub async fn bench(
     StdRng::seed_from_u64(seed).fill_bytes(&mut value);
 
     let preloaded = if args.preload {
-        Some(preload(args, &conns, &value, timeout).await)
+        Some(
+            preload(
+                args,
+                &conns,
+                endpoints.len(),
+                routes.as_ref(),
+                &value,
+                timeout,
+            )
+            .await,
+        )
     } else {
         None
     };
@@ -890,10 +994,10 @@ pub async fn bench(
     );
     let tasks: Vec<_> = (0..args.clients)
         .map(|i| {
-            let conn = conns[i as usize % conns.len()].clone();
+            let conns = ClientConns::new(i as usize, &conns, endpoints.len(), routes.as_ref());
             tokio::spawn(client(
                 run.clone(),
-                conn,
+                conns,
                 seed.wrapping_add(i.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
             ))
         })
@@ -926,6 +1030,7 @@ pub async fn bench(
         value_size: args.value_size,
         clients: args.clients,
         connections,
+        routed,
         endpoints,
         warmup_s: args.warmup,
         duration_s: secs,
@@ -1105,6 +1210,7 @@ mod tests {
             value_size: 256,
             clients: 4,
             connections: 2,
+            routed: false,
             endpoints: vec!["127.0.0.1:12379".into()],
             warmup_s: 1.0,
             duration_s: 2.0,

@@ -6,10 +6,25 @@
 //! failure; a write moves on only when the failed attempt surely did not execute (connection
 //! refused, or the node said so): re-sending a write that may have committed could apply it a
 //! second time, after a newer write.
+//!
+//! **Shard-aware routing.** A node that does not lead the key's shard forwards the request to the
+//! leader: one extra hop. To save it, the client sends writes and linearizable reads straight to
+//! the endpoint of the shard's leader when it knows it ([`Routes`]): it learns each endpoint's
+//! node id and the shard count from `Status` (asked once, in the background, on first use), and
+//! each shard's leader from the `kv-shard`/`kv-shards`/`kv-leader` headers of the replies to
+//! writes and linearizable reads. Nothing
+//! needs configuring. The routing is only a guess: a stale or wrong one costs the forwarding hop
+//! it was meant to save, never correctness (the node still routes every request), and the retry
+//! rules above are the same whichever endpoint is tried first. Stale reads are not routed: they
+//! read the replica of the node the client sticks to.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use tokio::time::Instant;
+use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -17,6 +32,185 @@ use crate::pb::cluster_client::ClusterClient;
 use crate::pb::key_value_client::KeyValueClient;
 use crate::pb::{DeleteRequest, GetRequest, PutRequest, StatusReply, StatusRequest};
 use crate::peers::{channel, MAX_MESSAGE};
+use crate::placement::shard_for_key;
+use crate::router::{LEADER_HINT, NOT_EXECUTED, SHARDS_HEADER, SHARD_HEADER};
+
+/// After an endpoint failed to answer, requests are not routed to it for this long.
+const AVOID_FAILED: Duration = Duration::from_secs(1);
+/// While some endpoint's node id or the shard count is unknown, `Status` is asked again at most
+/// this often.
+const REDISCOVER: Duration = Duration::from_secs(5);
+// Times use tokio's clock, so a simulation with a paused clock sees the same routing decisions.
+
+/// Bound on each `Status` call of a discovery round.
+const DISCOVER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Which endpoint leads which shard, as far as a client knows: a routing guess (see the module
+/// docs). Shared by [`Client`] and `kvctl bench`.
+pub struct Routes {
+    inner: RwLock<RoutesInner>,
+}
+
+struct RoutesInner {
+    /// The cluster's shard count; 0 while unknown.
+    shards: u32,
+    /// Per shard, the leader last heard of.
+    leaders: Vec<Option<u64>>,
+    /// Node id -> index of the endpoint that is that node.
+    endpoint_of: HashMap<u64, usize>,
+    /// Per endpoint: do not route to it before this instant (it just failed).
+    avoid_until: Vec<Option<Instant>>,
+    /// The placement function disagreed with a node's `kv-shard`: routing is off for good.
+    disabled: bool,
+    discovering: bool,
+    last_discovery: Option<Instant>,
+}
+
+impl Routes {
+    pub fn new(endpoints: usize) -> Routes {
+        Routes {
+            inner: RwLock::new(RoutesInner {
+                shards: 0,
+                leaders: Vec::new(),
+                endpoint_of: HashMap::new(),
+                avoid_until: vec![None; endpoints],
+                disabled: false,
+                discovering: false,
+                last_discovery: None,
+            }),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, RoutesInner> {
+        // Plain fields only; a panic elsewhere cannot leave them inconsistent.
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, RoutesInner> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The endpoint (index) of the leader of `key`'s shard, if known and not recently failed.
+    pub fn endpoint_for(&self, key: &[u8]) -> Option<usize> {
+        let r = self.read();
+        if r.disabled || r.shards == 0 {
+            return None;
+        }
+        let leader = (*r.leaders.get(shard_for_key(key, r.shards) as usize)?)?;
+        let idx = *r.endpoint_of.get(&leader)?;
+        match r.avoid_until.get(idx) {
+            Some(Some(t)) if Instant::now() < *t => None,
+            _ => Some(idx),
+        }
+    }
+
+    /// Learns from a successful reply's headers about `key`: the shard count, and the leader of
+    /// its shard (forgotten when the reply names none).
+    pub fn learn(&self, key: &[u8], md: &MetadataMap) {
+        let header = |name: &str| md.get(name).and_then(|v| v.to_str().ok());
+        let Some(shards) = header(SHARDS_HEADER).and_then(|v| v.parse::<u32>().ok()) else {
+            return;
+        };
+        if shards == 0 {
+            return;
+        }
+        let shard = shard_for_key(key, shards);
+        let leader = header(LEADER_HINT).and_then(|v| v.parse::<u64>().ok());
+        let agrees = header(SHARD_HEADER).and_then(|v| v.parse::<u32>().ok()) == Some(shard);
+        {
+            let r = self.read();
+            if r.disabled
+                || (agrees && r.shards == shards && r.leaders.get(shard as usize) == Some(&leader))
+            {
+                return;
+            }
+        }
+        let mut w = self.write();
+        if !agrees {
+            // The node places keys differently (another version?): stop guessing.
+            w.disabled = true;
+            return;
+        }
+        w.set_shards(shards);
+        if let Some(l) = w.leaders.get_mut(shard as usize) {
+            *l = leader;
+        }
+    }
+
+    /// Learns from endpoint `idx`'s `Status` reply: its node id, the shard count, and the
+    /// leaders it knows of (kept where a reply already told us better).
+    pub fn learn_status(&self, idx: usize, reply: &StatusReply) {
+        let mut w = self.write();
+        w.endpoint_of.retain(|_, i| *i != idx);
+        w.endpoint_of.insert(reply.node_id, idx);
+        if reply.shard_count > 0 {
+            w.set_shards(reply.shard_count);
+        }
+        for s in &reply.shards {
+            if let Some(l) = w.leaders.get_mut(s.shard as usize) {
+                if s.has_leader && l.is_none() {
+                    *l = Some(s.leader);
+                }
+            }
+        }
+    }
+
+    /// Endpoint `idx` did not answer: route elsewhere for a while.
+    pub fn endpoint_failed(&self, idx: usize) {
+        if let Some(t) = self.write().avoid_until.get_mut(idx) {
+            *t = Some(Instant::now() + AVOID_FAILED);
+        }
+    }
+
+    /// Whether a discovery round should run now; if so, marks one as running.
+    fn claim_discovery(&self) -> bool {
+        {
+            let r = self.read();
+            let complete = r.shards > 0 && r.endpoint_of.len() >= r.avoid_until.len();
+            let due = match r.last_discovery {
+                None => true,
+                Some(t) => !complete && t.elapsed() >= REDISCOVER,
+            };
+            if r.discovering || r.disabled || !due {
+                return false;
+            }
+        }
+        let mut w = self.write();
+        if w.discovering {
+            return false;
+        }
+        w.discovering = true;
+        w.last_discovery = Some(Instant::now());
+        true
+    }
+
+    /// Asks every endpoint's `Status` at once (each bounded by one second) and learns from the
+    /// answers. Endpoints are given in the same order as to [`Routes::new`].
+    pub async fn discover(&self, endpoints: &[Channel]) {
+        let asks = endpoints.iter().enumerate().map(|(idx, ch)| async move {
+            let mut cl = ClusterClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE);
+            let mut req = tonic::Request::new(StatusRequest {});
+            req.set_timeout(DISCOVER_TIMEOUT);
+            let answer = tokio::time::timeout(DISCOVER_TIMEOUT, cl.status(req)).await;
+            if let Ok(Ok(r)) = answer {
+                self.learn_status(idx, r.get_ref());
+            }
+        });
+        futures::future::join_all(asks).await;
+        let mut w = self.write();
+        w.discovering = false;
+        w.last_discovery = Some(Instant::now());
+    }
+}
+
+impl RoutesInner {
+    fn set_shards(&mut self, shards: u32) {
+        if self.shards != shards {
+            self.shards = shards;
+            self.leaders = vec![None; shards as usize];
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -47,6 +241,7 @@ pub struct Client {
     endpoints: Vec<(String, Channel)>,
     timeout: Duration,
     current: AtomicUsize,
+    routes: Arc<Routes>,
 }
 
 impl Client {
@@ -64,6 +259,7 @@ impl Client {
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Client {
+            routes: Arc::new(Routes::new(endpoints.len())),
             endpoints,
             timeout,
             current: AtomicUsize::new(0),
@@ -80,13 +276,38 @@ impl Client {
         r
     }
 
-    /// Runs `f` against endpoints, starting with the last good one, until one answers.
-    async fn with_failover<T, F, Fut>(&self, write: bool, f: F) -> Result<Served<T>, ClientError>
+    /// Where a request for `key` goes first: the endpoint of its shard's leader when known
+    /// (`key` is `None` for requests that are not routed), else the last one that answered.
+    /// Starts learning the routes, in the background, on first use.
+    fn first_endpoint(&self, key: Option<&[u8]>) -> usize {
+        let runtime = tokio::runtime::Handle::try_current().ok();
+        if let Some(rt) = runtime.filter(|_| self.routes.claim_discovery()) {
+            let (routes, channels) = (
+                self.routes.clone(),
+                self.endpoints
+                    .iter()
+                    .map(|(_, c)| c.clone())
+                    .collect::<Vec<_>>(),
+            );
+            rt.spawn(async move { routes.discover(&channels).await });
+        }
+        key.and_then(|k| self.routes.endpoint_for(k))
+            .unwrap_or_else(|| self.current.load(Ordering::Relaxed))
+    }
+
+    /// Runs `f` against endpoints, starting with `start`, until one answers. `key`: learn its
+    /// shard's leader from the reply's headers.
+    async fn with_failover<T, F, Fut>(
+        &self,
+        write: bool,
+        start: usize,
+        key: Option<&[u8]>,
+        f: F,
+    ) -> Result<Served<T>, ClientError>
     where
         F: Fn(KeyValueClient<Channel>, ClusterClient<Channel>) -> Fut,
-        Fut: std::future::Future<Output = Result<(T, u64), tonic::Status>>,
+        Fut: std::future::Future<Output = Result<((T, u64), MetadataMap), tonic::Status>>,
     {
-        let start = self.current.load(Ordering::Relaxed);
         let mut errors = Vec::new();
         for i in 0..self.endpoints.len() {
             let idx = (start + i) % self.endpoints.len();
@@ -96,8 +317,11 @@ impl Client {
                 .max_encoding_message_size(MAX_MESSAGE);
             let cl = ClusterClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE);
             match f(kv, cl).await {
-                Ok((value, node_id)) => {
+                Ok(((value, node_id), md)) => {
                     self.current.store(idx, Ordering::Relaxed);
+                    if let Some(k) = key {
+                        self.routes.learn(k, &md);
+                    }
                     return Ok(Served {
                         value,
                         node_id,
@@ -107,25 +331,36 @@ impl Client {
                 Err(s) if matches!(s.code(), Code::InvalidArgument | Code::ResourceExhausted) => {
                     return Err(ClientError::InvalidArgument(s.message().to_string()))
                 }
-                Err(s) if write && !crate::router::not_executed(&s) => {
-                    return Err(ClientError::Unknown(format!(
-                        "{endpoint}: {}",
-                        describe(&s)
-                    )))
+                Err(s) => {
+                    if endpoint_down(&s) {
+                        self.routes.endpoint_failed(idx);
+                    }
+                    if write && !crate::router::not_executed(&s) {
+                        return Err(ClientError::Unknown(format!(
+                            "{endpoint}: {}",
+                            describe(&s)
+                        )));
+                    }
+                    errors.push(format!("{endpoint}: {}", describe(&s)));
                 }
-                Err(s) => errors.push(format!("{endpoint}: {}", describe(&s))),
             }
         }
         Err(ClientError::Unavailable(errors.join("; ")))
     }
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<Served<()>, ClientError> {
-        self.with_failover(true, |mut kv, _| {
+        let start = self.first_endpoint(Some(key));
+        self.with_failover(true, start, Some(key), |mut kv, _| {
             let req = self.request(PutRequest {
                 key: key.to_vec(),
                 value: value.to_vec(),
             });
-            async move { kv.put(req).await.map(|r| ((), r.into_inner().node_id)) }
+            async move {
+                kv.put(req).await.map(|r| {
+                    let (md, r, _) = r.into_parts();
+                    (((), r.node_id), md)
+                })
+            }
         })
         .await
     }
@@ -135,15 +370,19 @@ impl Client {
         key: &[u8],
         stale: bool,
     ) -> Result<Served<Option<Vec<u8>>>, ClientError> {
-        self.with_failover(false, |mut kv, _| {
+        // A stale read is served by the replica it reaches: not routed to the leader (and its
+        // reply has no routing headers).
+        let routed = (!stale).then_some(key);
+        let start = self.first_endpoint(routed);
+        self.with_failover(false, start, routed, |mut kv, _| {
             let req = self.request(GetRequest {
                 key: key.to_vec(),
                 stale,
             });
             async move {
                 kv.get(req).await.map(|r| {
-                    let r = r.into_inner();
-                    (r.found.then_some(r.value), r.node_id)
+                    let (md, r, _) = r.into_parts();
+                    ((r.found.then_some(r.value), r.node_id), md)
                 })
             }
         })
@@ -152,12 +391,13 @@ impl Client {
 
     /// Returns whether the key existed.
     pub async fn delete(&self, key: &[u8]) -> Result<Served<bool>, ClientError> {
-        self.with_failover(true, |mut kv, _| {
+        let start = self.first_endpoint(Some(key));
+        self.with_failover(true, start, Some(key), |mut kv, _| {
             let req = self.request(DeleteRequest { key: key.to_vec() });
             async move {
                 kv.delete(req).await.map(|r| {
-                    let r = r.into_inner();
-                    (r.deleted, r.node_id)
+                    let (md, r, _) = r.into_parts();
+                    ((r.deleted, r.node_id), md)
                 })
             }
         })
@@ -166,18 +406,29 @@ impl Client {
 
     /// The view of the first node that answers.
     pub async fn status(&self) -> Result<Served<StatusReply>, ClientError> {
-        self.with_failover(false, |_, mut cl| {
+        let start = self.current.load(Ordering::Relaxed);
+        self.with_failover(false, start, None, |_, mut cl| {
             let req = self.request(StatusRequest {});
             async move {
                 cl.status(req).await.map(|r| {
-                    let r = r.into_inner();
+                    let (md, r, _) = r.into_parts();
                     let id = r.node_id;
-                    (r, id)
+                    ((r, id), md)
                 })
             }
         })
         .await
     }
+}
+
+/// Whether a failed call suggests the endpoint itself is unreachable (as opposed to the node
+/// answering with an error of its own, which carries the `kv-not-executed` marker or another
+/// code).
+fn endpoint_down(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Cancelled | Code::Unknown
+    ) && !s.metadata().contains_key(NOT_EXECUTED)
 }
 
 fn describe(s: &tonic::Status) -> String {
@@ -187,5 +438,67 @@ fn describe(s: &tonic::Status) -> String {
         }
         Code::DeadlineExceeded => "timed out".to_string(),
         _ => s.message().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pb::ShardStatus;
+
+    fn reply_headers(shard: u32, shards: u32, leader: Option<u64>) -> MetadataMap {
+        let mut md = MetadataMap::new();
+        md.insert(SHARD_HEADER, shard.into());
+        md.insert(SHARDS_HEADER, shards.into());
+        if let Some(l) = leader {
+            md.insert(LEADER_HINT, l.into());
+        }
+        md
+    }
+
+    /// Routes come from Status (endpoint -> node, shard count, leaders) and reply headers; a
+    /// failed endpoint is avoided for a while; a reply that places keys differently turns
+    /// routing off instead of routing wrongly.
+    #[test]
+    fn routes_learn_from_status_and_replies() {
+        let routes = Routes::new(3);
+        let key = b"some-key";
+        assert_eq!(routes.endpoint_for(key), None, "nothing known yet");
+        let shard = shard_for_key(key, 8);
+        // Endpoint 2 is node 7; it says node 5 leads the key's shard.
+        routes.learn_status(
+            2,
+            &StatusReply {
+                node_id: 7,
+                shard_count: 8,
+                shards: vec![ShardStatus {
+                    shard,
+                    leader: 5,
+                    has_leader: true,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            routes.endpoint_for(key),
+            None,
+            "node 5's endpoint is unknown"
+        );
+        routes.learn(key, &reply_headers(shard, 8, Some(7)));
+        assert_eq!(routes.endpoint_for(key), Some(2));
+        routes.endpoint_failed(2);
+        assert_eq!(routes.endpoint_for(key), None, "just failed");
+        routes.write().avoid_until[2] = None;
+        assert_eq!(routes.endpoint_for(key), Some(2));
+        // A reply naming no leader forgets it.
+        routes.learn(key, &reply_headers(shard, 8, None));
+        assert_eq!(routes.endpoint_for(key), None);
+        routes.learn(key, &reply_headers(shard, 8, Some(7)));
+        // A node whose kv-shard disagrees with our placement: stop routing altogether.
+        routes.learn(key, &reply_headers((shard + 1) % 8, 8, Some(7)));
+        assert_eq!(routes.endpoint_for(key), None);
+        routes.learn(key, &reply_headers(shard, 8, Some(7)));
+        assert_eq!(routes.endpoint_for(key), None, "stays off");
     }
 }

@@ -28,6 +28,7 @@ pub mod node;
 pub mod peers;
 pub mod placement;
 pub mod raft;
+pub mod read_index;
 pub mod recover;
 pub mod router;
 pub mod server;

@@ -31,6 +31,7 @@ use crate::raft::log_store::LogManager;
 use crate::raft::network::ShardNetwork;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::{NodeId, Raft, ShardId};
+use crate::read_index::Coalescer;
 use crate::recover;
 use crate::state::{ShardData, StateDb};
 use crate::wal::WalOptions;
@@ -119,12 +120,46 @@ fn write_identity(dir: &Path, id: &Identity) -> Result<(), StartError> {
     Ok(())
 }
 
+/// The outcome of one read-index round, shared by every read that waited for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadIndexError {
+    /// This node does not lead the shard (the leader, if known).
+    NotLeader(Option<NodeId>),
+    /// No quorum confirmed the leadership in time, or the group is shutting down.
+    Unavailable(String),
+}
+
+pub type ReadIndexResult = Result<(), ReadIndexError>;
+
+/// Read-index rounds of one shard: `ensure_linearizable`, bounded by `timeout` (each read also
+/// has its own deadline; this only keeps a stuck round from blocking the shard's reads forever).
+fn read_rounds(raft: Raft, timeout: Duration) -> Coalescer<ReadIndexResult> {
+    use openraft::error::{CheckIsLeaderError, RaftError};
+    Coalescer::new(Arc::new(move || {
+        let raft = raft.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, raft.ensure_linearizable()).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                    Err(ReadIndexError::NotLeader(f.leader_id))
+                }
+                Ok(Err(e)) => Err(ReadIndexError::Unavailable(e.to_string())),
+                Err(_) => Err(ReadIndexError::Unavailable(
+                    "timed out waiting for a quorum".to_string(),
+                )),
+            }
+        })
+    }))
+}
+
 /// One shard this node replicates.
 pub struct Shard {
     pub id: ShardId,
     pub raft: Raft,
     pub data: Arc<ShardData>,
     pub replicas: Vec<NodeId>,
+    /// Linearizable reads of this shard share read-index rounds (see [`crate::read_index`]).
+    pub reads: Coalescer<ReadIndexResult>,
 }
 
 pub struct Node {
@@ -421,11 +456,16 @@ impl Node {
                 move || !me.is_recovering(shard),
             ));
             tokio::spawn(watch_fatal(self.clone(), shard, raft.clone()));
+            let reads = read_rounds(
+                raft.clone(),
+                Duration::from_millis(self.config.request_timeout_ms),
+            );
             let entry = Arc::new(Shard {
                 id: shard,
                 raft,
                 data,
                 replicas,
+                reads,
             });
             self.shards
                 .write()

@@ -16,15 +16,23 @@
 
 use std::time::{Duration, Instant};
 
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{ClientWriteError, RaftError};
 use tonic::Status;
 
-use crate::node::{Node, Shard};
+use crate::node::{Node, ReadIndexError, Shard};
 use crate::pb::{DeleteRequest, GetRequest, PutRequest};
 use crate::raft::{Command, CommandResult, NodeId, ShardId};
 
 pub const FORWARDED: &str = "kv-forwarded";
+/// On a "not leader" error: the leader to try. On a successful write or linearizable read: the
+/// node that executed it as the leader of the key's shard. Clients use it to send the shard's
+/// next requests straight there.
 pub const LEADER_HINT: &str = "kv-leader";
+/// On a successful write or linearizable read: the key's shard (`0..kv-shards`).
+pub const SHARD_HEADER: &str = "kv-shard";
+/// On a successful write or linearizable read: the cluster's shard count, so a client can compute a key's shard with
+/// [`crate::placement::shard_for_key`] before sending it.
+pub const SHARDS_HEADER: &str = "kv-shards";
 /// Set on error replies whose request certainly did not execute (safe to send again).
 pub const NOT_EXECUTED: &str = "kv-not-executed";
 
@@ -236,28 +244,36 @@ impl Node {
             }
             Op::Get { key, stale } => {
                 if *stale {
-                    let applied = shard
+                    let floor = shard
                         .data
-                        .applied()
+                        .read_floor()
                         .map_err(|e| LocalError::Unavailable(e.to_string()))?;
-                    let at = applied.last_applied.map_or(0, |l| l.index);
-                    if at < applied.consistent_from {
+                    let at = floor.applied_index;
+                    if at < floor.consistent_from {
                         return Err(LocalError::Unavailable(format!(
                             "shard {} is still catching up after recovery ({at} < {})",
-                            shard.id, applied.consistent_from
+                            shard.id, floor.consistent_from
                         )));
                     }
                 } else {
-                    let res = tokio::time::timeout(remaining, shard.raft.ensure_linearizable())
+                    // One read-index round, shared with the shard's other reads that arrived
+                    // before it started (never one that started before this read arrived).
+                    let res = tokio::time::timeout(remaining, shard.reads.wait())
                         .await
                         .map_err(|_| timed_out())?;
                     match res {
-                        Ok(_) => {}
-                        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                            return Err(LocalError::NotLeader(f.leader_id))
+                        Some(Ok(())) => {}
+                        Some(Err(ReadIndexError::NotLeader(leader))) => {
+                            return Err(LocalError::NotLeader(leader))
                         }
-                        Err(e) => {
-                            return Err(LocalError::Unavailable(format!("shard {}: {e}", shard.id)))
+                        Some(Err(ReadIndexError::Unavailable(m))) => {
+                            return Err(LocalError::Unavailable(format!("shard {}: {m}", shard.id)))
+                        }
+                        None => {
+                            return Err(LocalError::Unavailable(format!(
+                                "shard {}: read-index round abandoned",
+                                shard.id
+                            )))
                         }
                     }
                 }

@@ -18,7 +18,7 @@ use crate::node::Node;
 use crate::pb;
 use crate::raft::{NodeId, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 use crate::recover;
-use crate::router::{Op, Outcome, FORWARDED};
+use crate::router::{Op, Outcome, FORWARDED, LEADER_HINT, SHARDS_HEADER, SHARD_HEADER};
 
 /// Keys are at most 4 KiB; values at most 1 MiB (INTERFACE.md: may be raised, never lowered).
 pub const MAX_KEY: usize = 4 * 1024;
@@ -296,34 +296,64 @@ fn forwarded<T>(req: &Request<T>) -> bool {
     req.metadata().contains_key(FORWARDED)
 }
 
+/// A successful reply with the routing headers: the key's shard, the shard count and, when
+/// known, the shard's leader (see [`crate::router::LEADER_HINT`]): the node that executed a write
+/// or a linearizable read. Stale reads carry none.
+fn routed<T>(node: &Node, shard: u32, leader: Option<u64>, msg: T) -> Response<T> {
+    let mut r = Response::new(msg);
+    let md = r.metadata_mut();
+    md.insert(SHARD_HEADER, shard.into());
+    md.insert(SHARDS_HEADER, node.placement.shards.into());
+    if let Some(l) = leader {
+        md.insert(LEADER_HINT, l.into());
+    }
+    r
+}
+
 #[tonic::async_trait]
 impl pb::key_value_server::KeyValue for KeyValueService {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
         let r = req.into_inner();
         check_put(&r.key, &r.value)?;
+        let shard = self.node.placement.shard_for_key(&r.key);
         let op = Op::Put {
             key: r.key,
             value: r.value,
         };
         let (_, node_id) = self.node.execute(op, fwd, deadline).await?;
-        Ok(Response::new(pb::PutResponse { node_id }))
+        Ok(routed(
+            &self.node,
+            shard,
+            Some(node_id),
+            pb::PutResponse { node_id },
+        ))
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
         let r = req.into_inner();
         check_key(&r.key)?;
+        let (shard, stale) = (self.node.placement.shard_for_key(&r.key), r.stale);
         let op = Op::Get {
             key: r.key,
             stale: r.stale,
         };
         match self.node.execute(op, fwd, deadline).await? {
-            (Outcome::Get { value }, node_id) => Ok(Response::new(pb::GetResponse {
-                found: value.is_some(),
-                value: value.unwrap_or_default(),
-                node_id,
-            })),
+            (Outcome::Get { value }, node_id) => {
+                let reply = pb::GetResponse {
+                    found: value.is_some(),
+                    value: value.unwrap_or_default(),
+                    node_id,
+                };
+                // A stale read is served by the replica reached, not routed: no headers (they
+                // cost measurably at stale-read rates).
+                Ok(if stale {
+                    Response::new(reply)
+                } else {
+                    routed(&self.node, shard, Some(node_id), reply)
+                })
+            }
             _ => Err(Status::internal("unexpected outcome for get")),
         }
     }
@@ -335,15 +365,19 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
         let r = req.into_inner();
         check_key(&r.key)?;
+        let shard = self.node.placement.shard_for_key(&r.key);
         match self
             .node
             .execute(Op::Delete { key: r.key }, fwd, deadline)
             .await?
         {
-            (Outcome::Delete { existed }, node_id) => Ok(Response::new(pb::DeleteResponse {
-                deleted: existed,
-                node_id,
-            })),
+            (Outcome::Delete { existed }, node_id) => {
+                let reply = pb::DeleteResponse {
+                    deleted: existed,
+                    node_id,
+                };
+                Ok(routed(&self.node, shard, Some(node_id), reply))
+            }
             _ => Err(Status::internal("unexpected outcome for delete")),
         }
     }

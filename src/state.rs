@@ -75,7 +75,11 @@ impl StateDb {
         Ok(Arc::new(ShardData {
             shard,
             db: self.clone(),
-            live: RwLock::new(Live { tree, gen }),
+            live: RwLock::new(Live {
+                tree,
+                gen,
+                floor: None,
+            }),
         }))
     }
 
@@ -111,6 +115,29 @@ impl StateDb {
 struct Live {
     tree: sled::Tree,
     gen: u64,
+    /// What the tree's applied record says, for the read path; `None` until first needed.
+    /// Updated after every write of the record (never ahead of the tree), and together with
+    /// `tree` on an install.
+    floor: Option<ReadFloor>,
+}
+
+/// The two numbers of a shard's [`Applied`] record that reads need, kept in memory so the read
+/// path does not decode the record from sled on every request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadFloor {
+    /// Index of the last applied entry (0: none).
+    pub applied_index: u64,
+    /// See [`Applied::consistent_from`].
+    pub consistent_from: u64,
+}
+
+impl From<&Applied> for ReadFloor {
+    fn from(a: &Applied) -> Self {
+        ReadFloor {
+            applied_index: a.last_applied.map_or(0, |l| l.index),
+            consistent_from: a.consistent_from,
+        }
+    }
 }
 
 /// One shard's data, shared by its state machine (writer) and the read path.
@@ -135,11 +162,37 @@ impl ShardData {
         }
     }
 
+    /// The applied record, decoded from the tree.
     pub fn applied(&self) -> Result<Applied, StateError> {
         match self.tree().get(APPLIED_KEY)? {
             Some(v) => decode(&v, "applied"),
             None => Ok(Applied::default()),
         }
+    }
+
+    /// [`ReadFloor`] of the applied record, from memory (decoded once). It may lag the tree by
+    /// the write in progress, never lead it.
+    pub fn read_floor(&self) -> Result<ReadFloor, StateError> {
+        if let Some(f) = self.live_read().floor {
+            return Ok(f);
+        }
+        let floor = ReadFloor::from(&self.applied()?);
+        let mut live = self.live_write();
+        // Set by a write meanwhile: that one is newer (and may belong to a newly installed tree).
+        Ok(*live.floor.get_or_insert(floor))
+    }
+
+    fn set_floor(&self, applied: &Applied) {
+        self.live_write().floor = Some(ReadFloor::from(applied));
+    }
+
+    fn live_read(&self) -> std::sync::RwLockReadGuard<'_, Live> {
+        // A poisoned lock only means a panic elsewhere; the fields are still valid.
+        self.live.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn live_write(&self) -> std::sync::RwLockWriteGuard<'_, Live> {
+        self.live.write().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StateError> {
@@ -178,12 +231,14 @@ impl ShardData {
         }
         batch.insert(APPLIED_KEY, encode(applied));
         tree.apply_batch(batch)?;
+        self.set_floor(applied);
         Ok(out)
     }
 
     /// Records a new applied state without data changes (blank and membership entries).
     pub fn set_applied(&self, applied: &Applied) -> Result<(), StateError> {
         self.tree().insert(APPLIED_KEY, encode(applied))?;
+        self.set_floor(applied);
         Ok(())
     }
 
@@ -274,6 +329,7 @@ impl ShardData {
             let old = tree_name(self.shard, live.gen);
             live.tree = staging.tree;
             live.gen = staging.gen;
+            live.floor = Some(ReadFloor::from(applied));
             old
         };
         self.db.db.drop_tree(old.as_bytes())?;
@@ -331,4 +387,47 @@ fn decode<T: for<'de> Deserialize<'de>>(b: &[u8], what: &str) -> Result<T, State
         what: what.to_string(),
         reason: e.to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn applied(index: u64, consistent_from: u64) -> Applied {
+        Applied {
+            last_applied: Some(LogId::new(CommittedLeaderId::new(1, 0), index)),
+            consistent_from,
+            ..Default::default()
+        }
+    }
+
+    /// The in-memory read floor follows every write of the applied record, an install swaps it
+    /// with the tree, and a reopened shard reads the same floor back from sled.
+    #[test]
+    fn read_floor_follows_the_applied_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        let data = db.shard(3).unwrap();
+        assert_eq!(data.read_floor().unwrap(), ReadFloor::default());
+        data.apply(&[Op::Put(b"k", b"v")], &applied(5, 0)).unwrap();
+        let floor = |i, c| ReadFloor {
+            applied_index: i,
+            consistent_from: c,
+        };
+        assert_eq!(data.read_floor().unwrap(), floor(5, 0));
+        data.set_applied(&applied(6, 0)).unwrap();
+        assert_eq!(data.read_floor().unwrap(), floor(6, 0));
+        let mut staging = data.begin_install().unwrap();
+        staging
+            .put_batch(&[(b"k".to_vec(), b"w".to_vec())])
+            .unwrap();
+        assert_eq!(data.read_floor().unwrap(), floor(6, 0), "not swapped yet");
+        data.finish_install(staging, &applied(7, 9)).unwrap();
+        assert_eq!(data.read_floor().unwrap(), floor(7, 9));
+        assert_eq!(data.get(b"k").unwrap().as_deref(), Some(&b"w"[..]));
+        drop(data);
+        let reopened = db.shard(3).unwrap();
+        assert_eq!(reopened.read_floor().unwrap(), floor(7, 9));
+    }
 }

@@ -1014,6 +1014,13 @@ impl Wal {
         self.shared.lock().next_pos()
     }
 
+    /// Whether the record at `pos` (and so every record before it) is known to be on stable
+    /// storage: a completed flush covered it. Cheap (one lock, no I/O), for callers that would
+    /// otherwise wait for a flush that is already done. `false` only means "not known durable".
+    pub fn is_durable(&self, pos: WalPos) -> bool {
+        pos < self.shared.lock().durable
+    }
+
     /// Rejects new work, lets the flusher complete every queued flush plus a final sync, and
     /// waits for it to stop. Idempotent; also run on drop. Later calls return
     /// [`WalError::Closed`].

@@ -238,6 +238,42 @@ fn forwarding_from_every_node() {
     });
 }
 
+/// A client that knows every endpoint sends writes and linearizable reads straight to the leader
+/// of the key's shard (learned from `Status` and the replies' headers), so no node has to forward
+/// them: the endpoint it talked to is the node that executed the request.
+#[test]
+fn client_sends_requests_to_the_shard_leader() {
+    rt().block_on(async {
+        let c = Cluster::start(3, "").await;
+        let client = c.client_all();
+        let keys: Vec<String> = (0..24).map(|k| format!("route-{k}")).collect();
+        let direct = |endpoint: &str, node: u64| endpoint == c.addrs[node as usize];
+        // The first request of a key may take the hop (its leader is not known yet, and the
+        // routes from Status are learned in the background); from then on none should.
+        wait_for(
+            "every request to go straight to its shard's leader",
+            Duration::from_secs(15),
+            || {
+                let (client, keys, direct) = (&client, &keys, &direct);
+                async move {
+                    let mut all_direct = true;
+                    for k in keys {
+                        let put = client.put(k.as_bytes(), b"v").await.expect("put");
+                        let get = client.get(k.as_bytes(), false).await.expect("get");
+                        assert_eq!(get.value.as_deref(), Some(&b"v"[..]));
+                        all_direct &= direct(&put.endpoint, put.node_id)
+                            && direct(&get.endpoint, get.node_id);
+                    }
+                    all_direct.then_some(())
+                }
+            },
+        )
+        .await;
+        let d = client.delete(b"route-0").await.expect("delete");
+        assert!(d.value && direct(&d.endpoint, d.node_id), "{d:?}");
+    });
+}
+
 /// A follower that was down while the leader snapshotted and purged its log cannot catch up
 /// from the log: the leader offers its snapshot and the follower pulls it over Recover.
 #[test]

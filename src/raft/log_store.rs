@@ -231,6 +231,20 @@ impl LogManager {
         &self.wal
     }
 
+    /// Whether `shard`'s log entry `log_id` is known to be durable in the WAL, and with it every
+    /// record logged before it (the WAL is sequential). `false` when not known: the flush that
+    /// covers it has not completed, or the entry is not (or no longer) in the index.
+    pub fn is_durable(&self, shard: ShardId, log_id: LogId) -> bool {
+        let Some(state) = lock(&self.shards).get(&shard).cloned() else {
+            return false;
+        };
+        let pos = match lock(&state).entries.get(&log_id.index) {
+            Some(slot) if slot.log_id == log_id => slot.pos,
+            _ => return false,
+        };
+        self.wal.is_durable(pos)
+    }
+
     /// Removes WAL segments no shard needs any more.
     async fn gc(&self) -> Result<(), WalError> {
         let shards: Vec<(ShardId, Arc<Mutex<ShardState>>)> = lock(&self.shards)
@@ -478,6 +492,32 @@ mod tests {
         std::fs::read_dir(dir.join("wal"))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+
+    /// An entry is known durable once a flush covering it completed, and only the entry that
+    /// was logged: not a later one, not another entry at the same index, not another shard's.
+    #[tokio::test]
+    async fn entries_are_known_durable_once_flushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = LogManager::open(opts(dir.path())).unwrap();
+        let log = mgr.shard(0);
+        log.append_entries([entry(1), entry(2)]).unwrap();
+        assert!(!mgr.is_durable(0, entry(2).log_id), "not flushed yet");
+        mgr.wal().sync().await.unwrap();
+        assert!(mgr.is_durable(0, entry(1).log_id));
+        assert!(mgr.is_durable(0, entry(2).log_id));
+        log.append_entries([entry(3)]).unwrap();
+        assert!(
+            !mgr.is_durable(0, entry(3).log_id),
+            "appended after the flush"
+        );
+        assert!(mgr.is_durable(0, entry(2).log_id));
+        let other_leader = LogId::new(CommittedLeaderId::new(2, 1), 2);
+        assert!(!mgr.is_durable(0, other_leader), "not the entry at index 2");
+        assert!(!mgr.is_durable(1, entry(1).log_id), "no such shard");
+        assert!(!mgr.is_durable(0, entry(9).log_id), "no such entry");
+        mgr.wal().sync().await.unwrap();
+        assert!(mgr.is_durable(0, entry(3).log_id));
     }
 
     /// Several shards interleaved in one WAL: after purges, old segments go away, yet votes,

@@ -27,11 +27,27 @@ pub struct Received {
 pub struct StateMachine {
     data: Arc<ShardData>,
     logs: Arc<LogManager>,
+    /// The tree's applied record as last written by this state machine (the record's only
+    /// writer while the group runs), so `apply` need not decode it from sled each time. `None`:
+    /// read it from sled (at start, and after a failed write).
+    applied: Option<Applied>,
 }
 
 impl StateMachine {
     pub fn new(data: Arc<ShardData>, logs: Arc<LogManager>) -> Self {
-        StateMachine { data, logs }
+        StateMachine {
+            data,
+            logs,
+            applied: None,
+        }
+    }
+
+    /// The applied record: from memory, else from sled.
+    fn take_applied(&mut self) -> Result<Applied, StorageError> {
+        match self.applied.take() {
+            Some(a) => Ok(a),
+            None => self.data.applied().map_err(|e| sm_err(ErrorVerb::Read, e)),
+        }
     }
 }
 
@@ -84,11 +100,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogId>, StoredMembership<u64, openraft::BasicNode>), StorageError> {
-        let a = self
-            .data
-            .applied()
-            .map_err(|e| sm_err(ErrorVerb::Read, e))?;
-        Ok((a.last_applied, a.membership))
+        let a = self.take_applied()?;
+        let state = (a.last_applied, a.membership.clone());
+        self.applied = Some(a);
+        Ok(state)
     }
 
     async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
@@ -96,11 +111,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut applied = self
-            .data
-            .applied()
-            .map_err(|e| sm_err(ErrorVerb::Read, e))?;
         let entries: Vec<Entry> = entries.into_iter().collect();
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Taken out: on any error below it stays `None` and is re-read from sled next time.
+        let mut applied = self.take_applied()?;
         let mut ops = Vec::with_capacity(entries.len());
         // Which op (if any) each entry produced, to map results back.
         let mut op_of = Vec::with_capacity(entries.len());
@@ -122,22 +138,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
         }
-        if entries.is_empty() {
-            return Ok(Vec::new());
+        // openraft lets a node apply committed entries before its own WAL has flushed them (a
+        // leader commits on a quorum that need not include itself). sled may persist what we
+        // apply at any moment, so the WAL must hold them durably first: sled's applied index
+        // must never be ahead of what this node's WAL holds durably (start-up checks rely on
+        // it). Usually the flush that covers them is already done: then there is nothing to
+        // wait for; otherwise wait for the WAL (group commit: a flush is usually under way).
+        let last = entries.last().map(|e| e.log_id);
+        if !last.is_some_and(|l| self.logs.is_durable(self.data.shard, l)) {
+            self.logs
+                .wal()
+                .sync()
+                .await
+                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         }
-        // openraft lets a follower apply committed entries before its own WAL has flushed them.
-        // sled may persist what we apply at any moment, so wait for the WAL first: sled's applied
-        // index must never be ahead of what this node's WAL holds durably (start-up checks rely
-        // on it). Group commit makes this nearly free: the flush is usually done or under way.
-        self.logs
-            .wal()
-            .sync()
-            .await
-            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         let results = self
             .data
             .apply(&ops, &applied)
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.applied = Some(applied);
         Ok(op_of
             .into_iter()
             .map(|i| match i.and_then(|i| results.get(i).copied()) {
@@ -174,9 +193,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             membership: meta.last_membership.clone(),
             consistent_from: received.consistent_from,
         };
+        self.applied = None;
         self.data
             .finish_install(received.staging, &applied)
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        self.applied = Some(applied);
         self.data
             .save_snapshot_meta(meta)
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
