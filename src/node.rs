@@ -173,6 +173,8 @@ pub struct Node {
     shards: RwLock<HashMap<ShardId, Arc<Shard>>>,
     initialized: std::sync::atomic::AtomicBool,
     stop_tx: watch::Sender<bool>,
+    /// Stopping: leaderships handed off, client requests refused as not executed.
+    draining: std::sync::atomic::AtomicBool,
     /// Set once a shard's Raft group died of a storage error or a panic (see [`Node::fatal`]).
     fatal_tx: watch::Sender<Option<String>>,
     /// Shards rebuilt after this node lost its disk and not yet caught up with a leader: they
@@ -356,6 +358,7 @@ impl Node {
             shards: RwLock::new(HashMap::new()),
             initialized: std::sync::atomic::AtomicBool::new(identity.is_some()),
             stop_tx,
+            draining: Default::default(),
             fatal_tx,
             leader_cache: RwLock::new(HashMap::new()),
             handoffs: Default::default(),
@@ -568,6 +571,19 @@ impl Node {
         self.handoff_all().await;
     }
 
+    /// Second step of a graceful stop: clients' new requests are refused with `UNAVAILABLE`
+    /// marked not executed, so they go to another node at once and safely, instead of meeting
+    /// a connection that closes under them. Requests already running, and those forwarded by
+    /// peers, are still served.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Stops the gRPC server (it finishes the requests it has) and every background task.
     pub fn stop_serving(&self) {
         let _ = self.stop_tx.send(true);
@@ -698,6 +714,14 @@ async fn check_wal_against_state(
         return Err(format!(
             "the state dir has applied the log up to index {applied_i}, but the write-ahead log \
              ends at index {last_i}: the WAL lost entries it had made durable"
+        ));
+    }
+    if purged_i > 0 && purged_i > index(snapshot) {
+        // The log is trimmed only after the snapshot covering it is durable in the state dir.
+        return Err(format!(
+            "the write-ahead log was trimmed up to index {purged_i}, past the state dir's last \
+             snapshot (index {}): the state dir lost data",
+            index(snapshot)
         ));
     }
     if purged_i > applied_i {

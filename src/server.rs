@@ -18,7 +18,9 @@ use crate::node::Node;
 use crate::pb;
 use crate::raft::{NodeId, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 use crate::recover;
-use crate::router::{Op, Outcome, FORWARDED, LEADER_HINT, SHARDS_HEADER, SHARD_HEADER};
+use crate::router::{
+    unavailable, Op, Outcome, FORWARDED, LEADER_HINT, SHARDS_HEADER, SHARD_HEADER,
+};
 
 /// Keys are at most 4 KiB; values at most 1 MiB (INTERFACE.md: may be raised, never lowered).
 pub const MAX_KEY: usize = 4 * 1024;
@@ -310,10 +312,23 @@ fn routed<T>(node: &Node, shard: u32, leader: Option<u64>, msg: T) -> Response<T
     r
 }
 
+/// A stopping node refuses clients' requests before executing them (see
+/// [`Node::start_draining`]); peers' forwarded ones it still serves.
+fn refuse_if_draining(node: &Node, forwarded: bool) -> Result<(), Status> {
+    if node.is_draining() && !forwarded {
+        return Err(unavailable(format!(
+            "node {} is stopping; ask another node",
+            node.id
+        )));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl pb::key_value_server::KeyValue for KeyValueService {
     async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
         let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
+        refuse_if_draining(&self.node, fwd)?;
         let r = req.into_inner();
         check_put(&r.key, &r.value)?;
         let shard = self.node.placement.shard_for_key(&r.key);
@@ -332,6 +347,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
         let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
+        refuse_if_draining(&self.node, fwd)?;
         let r = req.into_inner();
         check_key(&r.key)?;
         let (shard, stale) = (self.node.placement.shard_for_key(&r.key), r.stale);
@@ -363,6 +379,7 @@ impl pb::key_value_server::KeyValue for KeyValueService {
         req: Request<pb::DeleteRequest>,
     ) -> Result<Response<pb::DeleteResponse>, Status> {
         let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
+        refuse_if_draining(&self.node, fwd)?;
         let r = req.into_inner();
         check_key(&r.key)?;
         let shard = self.node.placement.shard_for_key(&r.key);

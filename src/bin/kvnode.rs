@@ -12,6 +12,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+/// How long a stopping node refuses clients' new requests (safely: marked not executed) before
+/// it closes its connections.
+const DRAIN: Duration = Duration::from_millis(300);
+
 use clap::Parser;
 use kvstore::config::{self, Config};
 use kvstore::node::Node;
@@ -145,6 +149,9 @@ async fn run(config: Config, id: u64, data_dir: PathBuf) -> ExitCode {
     // Hand off leaderships while serving; then stop accepting and let in-flight requests finish
     // (their writes must not be cut off mid-commit); only then stop Raft and storage.
     node.prepare_stop().await;
+    node.start_draining();
+    // Clients that still send here learn to go elsewhere, while the connection stays open.
+    tokio::time::sleep(DRAIN).await;
     node.stop_serving();
     if tokio::time::timeout(Duration::from_secs(10), server)
         .await
