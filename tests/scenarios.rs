@@ -412,3 +412,62 @@ fn leadership_rebalances_after_restart() {
         );
     });
 }
+
+/// A client that keeps talking to a node being stopped (no routing, no failover of its own
+/// until told) is never left not knowing whether its write happened: once the node has handed
+/// off its shards it refuses new requests as *not executed* while the connection stays open,
+/// and the client moves on at the first refusal.
+#[test]
+fn stopping_node_refuses_clients_safely() {
+    use kvstore::pb::key_value_client::KeyValueClient;
+    use kvstore::pb::PutRequest;
+    rt().block_on(async {
+        let mut c = Cluster::start(3, "").await;
+        let addrs: Vec<String> = c.addrs.iter().map(|a| format!("http://{a}")).collect();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (addrs, stop) = (addrs.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut node0 = KeyValueClient::connect(addrs[0].clone())
+                    .await
+                    .expect("connect to node 0");
+                let mut node1 = KeyValueClient::connect(addrs[1].clone())
+                    .await
+                    .expect("connect to node 1");
+                let (mut refused, mut ambiguous, mut ok_after) = (0u32, Vec::new(), 0u32);
+                let mut i = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let req = PutRequest {
+                        key: format!("drain-{}", i % 32).into_bytes(),
+                        value: b"v".to_vec(),
+                    };
+                    i += 1;
+                    let r = if refused == 0 {
+                        node0.put(req).await
+                    } else {
+                        node1.put(req).await
+                    };
+                    match r {
+                        Ok(_) if refused > 0 => ok_after += 1,
+                        Ok(_) => {}
+                        Err(s) if kvstore::router::not_executed(&s) => refused += 1,
+                        Err(s) => ambiguous.push(format!("{:?}: {}", s.code(), s.message())),
+                    }
+                }
+                (refused, ambiguous, ok_after)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let status = c.stop(0);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (refused, ambiguous, ok_after) = writer.await.expect("writer");
+        assert!(status.success(), "exit status {status:?}");
+        assert!(
+            ambiguous.is_empty(),
+            "writes with an unknown outcome: {ambiguous:?}"
+        );
+        assert!(refused > 0, "node 0 never refused a request while stopping");
+        assert!(ok_after > 0, "writes went on through node 1");
+    });
+}
