@@ -359,6 +359,23 @@ struct NoShard;
 
 type RaftRpcResult<T> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId>>>;
 
+/// openraft's view of a simulated call: the receiver's answer, no such shard there yet
+/// (`None`), or a network failure.
+#[allow(clippy::result_large_err)] // openraft's own error type
+fn raft_reply<T>(
+    target: NodeId,
+    r: Result<Option<Result<T, RaftError<NodeId>>>, NetFail>,
+) -> RaftRpcResult<T> {
+    match r {
+        Ok(Some(Ok(resp))) => Ok(resp),
+        Ok(Some(Err(e))) => Err(RPCError::RemoteError(openraft::error::RemoteError::new(
+            target, e,
+        ))),
+        Ok(None) => Err(RPCError::Unreachable(Unreachable::new(&NoShard))),
+        Err(e) => Err(rpc_err(e)),
+    }
+}
+
 impl RaftNetwork<TypeConfig> for SimLink {
     async fn append_entries(
         &mut self,
@@ -381,15 +398,7 @@ impl RaftNetwork<TypeConfig> for SimLink {
                 },
             )
             .await;
-        match r {
-            Ok(Some(Ok(resp))) => Ok(resp),
-            Ok(Some(Err(e))) => Err(RPCError::RemoteError(openraft::error::RemoteError::new(
-                self.target,
-                e,
-            ))),
-            Ok(None) => Err(RPCError::Unreachable(Unreachable::new(&NoShard))),
-            Err(e) => Err(rpc_err(e)),
-        }
+        raft_reply(self.target, r)
     }
 
     async fn vote(
@@ -426,15 +435,7 @@ impl RaftNetwork<TypeConfig> for SimLink {
                 },
             )
             .await;
-        match r {
-            Ok(Some(Ok(resp))) => Ok(resp),
-            Ok(Some(Err(e))) => Err(RPCError::RemoteError(openraft::error::RemoteError::new(
-                self.target,
-                e,
-            ))),
-            Ok(None) => Err(RPCError::Unreachable(Unreachable::new(&NoShard))),
-            Err(e) => Err(rpc_err(e)),
-        }
+        raft_reply(self.target, r)
     }
 
     /// Like the real transport: the leader offers the snapshot's meta; the follower copies the
