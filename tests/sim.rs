@@ -333,6 +333,20 @@ struct SimLink {
     target: NodeId,
 }
 
+impl SimLink {
+    /// One call from this link's node to its target through the simulated network.
+    async fn send<T, F, Fut>(&self, ttl: Duration, handler: F) -> Result<T, NetFail>
+    where
+        F: FnOnce(Arc<SimNode>) -> Fut,
+        Fut: Future<Output = T>,
+    {
+        self.net
+            .world
+            .rpc(self.net.me, self.target, ttl, handler)
+            .await
+    }
+}
+
 impl RaftNetworkFactory<TypeConfig> for SimNetwork {
     type Network = SimLink;
 
@@ -384,19 +398,9 @@ impl RaftNetwork<TypeConfig> for SimLink {
     ) -> RaftRpcResult<AppendEntriesResponse<NodeId>> {
         let shard = self.net.shard;
         let r = self
-            .net
-            .world
-            .rpc(
-                self.net.me,
-                self.target,
-                option.hard_ttl(),
-                |n| async move {
-                    match n.shard(shard) {
-                        Some(s) => Some(s.raft.append_entries(rpc).await),
-                        None => None,
-                    }
-                },
-            )
+            .send(option.hard_ttl(), |n| async move {
+                Some(n.shard(shard)?.raft.append_entries(rpc).await)
+            })
             .await;
         raft_reply(self.target, r)
     }
@@ -409,31 +413,24 @@ impl RaftNetwork<TypeConfig> for SimLink {
         let shard = self.net.shard;
         let world = self.net.world.clone();
         let r = self
-            .net
-            .world
-            .rpc(
-                self.net.me,
-                self.target,
-                option.hard_ttl(),
-                |n| async move {
-                    let s = n.shard(shard)?;
-                    if lock(&n.recovering).contains(&shard) {
-                        return Some(Ok(refused_vote(&s.raft, &rpc)));
-                    }
-                    let asked = rpc.vote;
-                    let r = s.raft.vote(rpc).await;
-                    if let Ok(resp) = &r {
-                        world.event(format!(
-                            "shard {shard}: node {} asked node {} for {asked}: granted {} ({})",
-                            asked.leader_id().voted_for().unwrap_or_default(),
-                            n.id,
-                            resp.vote_granted,
-                            resp.vote
-                        ));
-                    }
-                    Some(r)
-                },
-            )
+            .send(option.hard_ttl(), |n| async move {
+                let s = n.shard(shard)?;
+                if lock(&n.recovering).contains(&shard) {
+                    return Some(Ok(refused_vote(&s.raft, &rpc)));
+                }
+                let asked = rpc.vote;
+                let r = s.raft.vote(rpc).await;
+                if let Ok(resp) = &r {
+                    world.event(format!(
+                        "shard {shard}: node {} asked node {} for {asked}: granted {} ({})",
+                        asked.leader_id().voted_for().unwrap_or_default(),
+                        n.id,
+                        resp.vote_granted,
+                        resp.vote
+                    ));
+                }
+                Some(r)
+            })
             .await;
         raft_reply(self.target, r)
     }
@@ -451,9 +448,7 @@ impl RaftNetwork<TypeConfig> for SimLink {
         let world = self.net.world.clone();
         let leader = self.net.me;
         let meta = snapshot.meta;
-        let call = self.net.world.rpc(
-            self.net.me,
-            self.target,
+        let call = self.send(
             option.hard_ttl().max(Duration::from_secs(5)),
             |n| async move {
                 let mine = n.shard(shard)?;

@@ -192,13 +192,8 @@ impl LogManager {
 
     /// Shards that have any Raft state on this node.
     pub fn shards_with_state(&self) -> Vec<ShardId> {
-        let mut v: Vec<ShardId> = lock(&self.shards)
-            .iter()
-            .filter(|(_, s)| lock(s).has_state())
-            .map(|(k, _)| *k)
-            .collect();
-        v.sort_unstable();
-        v
+        let states = self.shard_log_states().into_iter();
+        states.map(|(shard, _)| shard).collect()
     }
 
     /// Seeds an empty shard log as "purged up to `upto`" with `vote`: the log half of installing
