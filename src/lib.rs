@@ -6,6 +6,7 @@
 //!   input validation; errors mapped to status codes.
 //! - [`router`]: key → shard → the shard's leader; local execution or one forwarding hop;
 //!   retries across a leader change until the deadline.
+//! - [`write_batch`]: a shard's concurrent writes share one Raft entry.
 //! - [`raft`]: one openraft group per shard; commit on a majority.
 //! - [`wal`]: the node's write-ahead log (Raft entries and votes of every shard), group-committed.
 //! - [`state`]: sled, one tree per shard, data and applied index written together.
@@ -35,6 +36,7 @@ pub mod server;
 pub mod state;
 pub mod telemetry;
 pub mod wal;
+pub mod write_batch;
 
 /// Generated gRPC code for `proto/kv.proto`.
 pub mod pb {

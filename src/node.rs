@@ -35,6 +35,7 @@ use crate::read_index::Coalescer;
 use crate::recover;
 use crate::state::{ShardData, StateDb};
 use crate::wal::WalOptions;
+use crate::write_batch::WriteBatcher;
 
 const IDENTITY_FILE: &str = "IDENTITY";
 
@@ -160,6 +161,8 @@ pub struct Shard {
     pub replicas: Vec<NodeId>,
     /// Linearizable reads of this shard share read-index rounds (see [`crate::read_index`]).
     pub reads: Coalescer<ReadIndexResult>,
+    /// Concurrent writes to this shard share Raft entries (see [`crate::write_batch`]).
+    pub writes: WriteBatcher,
 }
 
 pub struct Node {
@@ -463,12 +466,14 @@ impl Node {
                 raft.clone(),
                 Duration::from_millis(self.config.request_timeout_ms),
             );
+            let writes = WriteBatcher::start(raft.clone());
             let entry = Arc::new(Shard {
                 id: shard,
                 raft,
                 data,
                 replicas,
                 reads,
+                writes,
             });
             self.shards
                 .write()

@@ -16,12 +16,12 @@
 
 use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, RaftError};
 use tonic::Status;
 
 use crate::node::{Node, ReadIndexError, Shard};
 use crate::pb::{DeleteRequest, GetRequest, PutRequest};
 use crate::raft::{Command, CommandResult, NodeId, ShardId};
+use crate::write_batch::WriteError;
 
 pub const FORWARDED: &str = "kv-forwarded";
 /// On a "not leader" error: the leader to try. On a successful write or linearizable read: the
@@ -227,19 +227,21 @@ impl Node {
                         Command::Delete { key: key.clone() }
                     }
                 };
-                let res = tokio::time::timeout(remaining, shard.raft.client_write(cmd))
+                let res = tokio::time::timeout(remaining, shard.writes.write(cmd))
                     .await
                     .map_err(|_| timed_out_write())?;
                 match res {
-                    Ok(resp) => Ok(match resp.data {
-                        CommandResult::Delete { existed } => Outcome::Delete { existed },
-                        _ => Outcome::Put,
-                    }),
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                        Err(LocalError::NotLeader(f.leader_id))
-                    }
+                    Ok(CommandResult::Delete { existed }) => Ok(Outcome::Delete { existed }),
+                    Ok(_) => Ok(Outcome::Put),
+                    Err(WriteError::NotLeader(leader)) => Err(LocalError::NotLeader(leader)),
+                    Err(WriteError::Stopped) => Err(LocalError::Unavailable(format!(
+                        "shard {} is stopping",
+                        shard.id
+                    ))),
                     // Proposed, then the group failed: it may still commit elsewhere.
-                    Err(e) => Err(LocalError::Unknown(format!("shard {}: {e}", shard.id))),
+                    Err(WriteError::Unknown(e)) => {
+                        Err(LocalError::Unknown(format!("shard {}: {e}", shard.id)))
+                    }
                 }
             }
             Op::Get { key, stale } => {

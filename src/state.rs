@@ -1,11 +1,14 @@
 //! The shards' data: one sled tree per shard, holding the user's keys and the shard's applied
-//! state, always written together in one atomic sled batch.
+//! state.
 //!
 //! Promises:
-//! - The tree's content is exactly the result of applying the log up to the recorded applied log
-//!   id (or, right after a snapshot install, a fuzzy state at or after it: see [`crate::raft`]).
-//! - sled flushes lazily, so after a crash the tree may be behind the WAL; the node then replays
-//!   the WAL from the recorded applied index. Nothing is ever acknowledged on sled alone.
+//! - The tree's content is the result of applying the log up to the recorded applied log id, or a
+//!   fuzzy state at or after it (see [`crate::raft`]): [`ShardData::apply`] writes the ops first
+//!   and the record last, and sled recovers a prefix of its writes after a crash; right after a
+//!   snapshot install too.
+//! - sled flushes lazily (only when a snapshot is built), so after a crash the tree may be behind
+//!   the WAL; the node then replays the WAL from the recorded applied index. Nothing is ever
+//!   acknowledged on sled alone.
 //! - A snapshot install is atomic: it fills a fresh tree (a new *generation*) and only then swaps
 //!   the shard's generation pointer, so a crash mid-install leaves the old state intact.
 //!
@@ -53,6 +56,9 @@ impl StateDb {
         let db = sled::Config::new()
             .path(dir)
             .mode(sled::Mode::HighThroughput)
+            // No timed flushes: the WAL holds everything since the last snapshot, and building
+            // a snapshot flushes (a crash only means a longer replay).
+            .flush_every_ms(None)
             .open()?;
         let meta = db.open_tree("meta")?;
         Ok(StateDb { db, meta })
@@ -182,7 +188,9 @@ impl ShardData {
         Ok(*live.floor.get_or_insert(floor))
     }
 
-    fn set_floor(&self, applied: &Applied) {
+    /// Sets what the read path sees of the applied record (the state machine, when it knows more
+    /// than the record on disk says).
+    pub fn set_floor(&self, applied: &Applied) {
         self.live_write().floor = Some(ReadFloor::from(applied));
     }
 
@@ -199,38 +207,26 @@ impl ShardData {
         Ok(self.tree().get(data_key(key))?.map(|v| v.to_vec()))
     }
 
-    /// Applies `ops` and the new applied state in one atomic batch. Returns, for each delete, whether
-    /// the key existed (in op order, `None` for puts).
+    /// Applies `ops` in order, then records the new applied state (not atomically: see the
+    /// module header). Returns, for each delete, whether the key existed (in op order, `None` for
+    /// puts).
     pub fn apply(
         &self,
         ops: &[Op<'_>],
         applied: &Applied,
     ) -> Result<Vec<Option<bool>>, StateError> {
         let tree = self.tree();
-        let mut batch = sled::Batch::default();
-        // Within one batch a later op must see an earlier one's effect.
-        let mut overlay: std::collections::HashMap<&[u8], bool> = Default::default();
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             match op {
                 Op::Put(k, v) => {
-                    batch.insert(data_key(k), *v);
-                    overlay.insert(k, true);
+                    tree.insert(data_key(k), *v)?;
                     out.push(None);
                 }
-                Op::Delete(k) => {
-                    let existed = match overlay.get(k) {
-                        Some(e) => *e,
-                        None => tree.contains_key(data_key(k))?,
-                    };
-                    batch.remove(data_key(k));
-                    overlay.insert(k, false);
-                    out.push(Some(existed));
-                }
+                Op::Delete(k) => out.push(Some(tree.remove(data_key(k))?.is_some())),
             }
         }
-        batch.insert(APPLIED_KEY, encode(applied));
-        tree.apply_batch(batch)?;
+        tree.insert(APPLIED_KEY, encode(applied))?;
         self.set_floor(applied);
         Ok(out)
     }

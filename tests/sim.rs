@@ -50,9 +50,10 @@ use kvstore::raft::{
 use kvstore::recover::copy_local;
 use kvstore::state::{ShardData, StateDb};
 use kvstore::wal::WalOptions;
+use kvstore::write_batch::{WriteBatcher, WriteError};
 use openraft::error::{
-    CheckIsLeaderError, ClientWriteError, Fatal, NetworkError, RPCError, RaftError,
-    ReplicationClosed, StreamingError, Unreachable,
+    CheckIsLeaderError, Fatal, NetworkError, RPCError, RaftError, ReplicationClosed,
+    StreamingError, Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -101,6 +102,8 @@ struct Report {
     ops: usize,
     unknown: usize,
     faults: usize,
+    proposals: u64,
+    proposed_writes: u64,
     failures: Vec<String>,
     /// The trace's last lines, for a failing seed.
     tail: Vec<String>,
@@ -113,6 +116,8 @@ struct Report {
 struct SimShard {
     raft: Raft,
     data: Arc<ShardData>,
+    /// Writes go through the same batcher as the server's (concurrent writes share entries).
+    writes: WriteBatcher,
 }
 
 /// One incarnation of a node: from its start to its crash.
@@ -148,6 +153,9 @@ struct Trace {
     leaders: BTreeMap<(ShardId, u64), NodeId>,
     failures: Vec<String>,
     faults: usize,
+    /// Raft proposals of client writes, and the writes they carried (batching at work).
+    proposals: u64,
+    proposed_writes: u64,
 }
 
 struct World {
@@ -602,7 +610,14 @@ impl World {
                 self.raft_cfg.election_timeout_min,
                 move || !lock(&n.recovering).contains(&shard),
             ));
-            lock(&node.shards).insert(shard, Arc::new(SimShard { raft, data }));
+            lock(&node.shards).insert(
+                shard,
+                Arc::new(SimShard {
+                    writes: WriteBatcher::start(raft.clone()),
+                    raft,
+                    data,
+                }),
+            );
         }
         self.event(format!("node {id} serving"));
     }
@@ -704,6 +719,14 @@ impl World {
         };
         self.event(format!("node {id} crashes"));
         let shards: Vec<Arc<SimShard>> = lock(&node.shards).values().cloned().collect();
+        {
+            let mut t = lock(&self.trace);
+            for s in &shards {
+                let (proposals, writes) = s.writes.counts();
+                t.proposals += proposals;
+                t.proposed_writes += writes;
+            }
+        }
         node.logs.wal().close();
         for s in shards {
             let _ = tokio::time::timeout(Duration::from_secs(5), s.raft.shutdown()).await;
@@ -837,15 +860,13 @@ async fn serve(node: Arc<SimNode>, shard: ShardId, key: Vec<u8>, call: Call) -> 
         Call::Put(value) => Command::Put { key, value },
         Call::Delete => Command::Delete { key },
     };
-    match s.raft.client_write(cmd).await {
-        Ok(r) => Reply::Done(match r.data {
-            CommandResult::Delete { existed } => Ret::Delete(existed),
-            _ => Ret::Put,
-        }),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-            Reply::NotLeader(f.leader_id)
-        }
-        Err(_) => Reply::Unknown,
+    match s.writes.write(cmd).await {
+        Ok(CommandResult::Delete { existed }) => Reply::Done(Ret::Delete(existed)),
+        Ok(_) => Reply::Done(Ret::Put),
+        Err(WriteError::NotLeader(leader)) => Reply::NotLeader(leader),
+        // Not proposed: as good as a refusal.
+        Err(WriteError::Stopped) => Reply::NotLeader(None),
+        Err(WriteError::Unknown(_)) => Reply::Unknown,
     }
 }
 
@@ -1189,6 +1210,8 @@ async fn simulate(seed: u64, params: Params) -> Report {
         ops: history.len(),
         unknown: history.iter().filter(|o| o.completed.is_none()).count(),
         faults: t.faults,
+        proposals: t.proposals,
+        proposed_writes: t.proposed_writes,
         failures: t.failures.clone(),
         tail: if std::env::var_os("KV_SIM_TRACE").is_some() {
             t.lines.clone()
@@ -1231,12 +1254,15 @@ fn simulated_cluster_survives_faults() {
     let seeds = seeds();
     let started = std::time::Instant::now();
     let (mut ops, mut unknown, mut faults) = (0, 0, 0);
+    let (mut proposals, mut proposed_writes) = (0, 0);
     let mut failed = Vec::new();
     for &seed in &seeds {
         let r = run_seed(seed);
         ops += r.ops;
         unknown += r.unknown;
         faults += r.faults;
+        proposals += r.proposals;
+        proposed_writes += r.proposed_writes;
         if !r.failures.is_empty() {
             eprintln!("--- seed {seed} FAILED: {:?}", r.failures);
             eprintln!("--- last events of seed {seed}:");
@@ -1249,7 +1275,8 @@ fn simulated_cluster_survives_faults() {
     }
     eprintln!(
         "simulation: {} seeds, {ops} operations checked ({unknown} unknown outcomes), \
-         {faults} faults injected, {} failing, {:.1} s",
+         {faults} faults injected, {proposed_writes} writes in {proposals} Raft proposals, \
+         {} failing, {:.1} s",
         seeds.len(),
         failed.len(),
         started.elapsed().as_secs_f64()

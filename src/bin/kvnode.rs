@@ -9,6 +9,11 @@
 //! recovers from the WAL.
 
 use std::path::PathBuf;
+
+/// mimalloc instead of glibc's malloc: allocation and free were 10 % of a node's CPU under
+/// writes (keys, values and Raft messages move through several layers); see BENCHMARKS.md.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 use std::time::Duration;
 

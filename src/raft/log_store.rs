@@ -190,6 +190,16 @@ impl LogManager {
         v
     }
 
+    /// The index of `shard`'s last log entry on this node (or of the last purged one; 0 if none).
+    pub fn last_index(&self, shard: ShardId) -> u64 {
+        let Some(state) = lock(&self.shards).get(&shard).cloned() else {
+            return 0;
+        };
+        let s = lock(&state);
+        let last = s.entries.last_key_value().map(|(i, _)| *i);
+        last.or(s.last_purged.map(|l| l.index)).unwrap_or(0)
+    }
+
     /// Shards that have any Raft state on this node.
     pub fn shards_with_state(&self) -> Vec<ShardId> {
         let states = self.shard_log_states().into_iter();

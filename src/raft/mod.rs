@@ -24,8 +24,9 @@ pub mod state_machine;
 
 use serde::{Deserialize, Serialize};
 
-/// A replicated command. Every variant is a blind write: see the module header for why that
-/// matters to snapshots.
+/// A replicated command. Every variant is a blind write (or a sequence of them): see the module
+/// header for why that matters to snapshots. Variants are only ever added at the end: bincode
+/// stores the variant's position, and logs on disk must stay readable.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     // serde_bytes: encode as one length-prefixed run, not a sequence of u8 (50x faster for 1 MiB).
@@ -39,6 +40,8 @@ pub enum Command {
         #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
+    /// Several clients' writes sharing one entry, applied in order (see [`crate::write_batch`]).
+    Batch(Vec<Command>),
 }
 
 /// What applying one log entry produced.
@@ -51,6 +54,8 @@ pub enum CommandResult {
     Delete {
         existed: bool,
     },
+    /// One result per command of a [`Command::Batch`], in order.
+    Batch(Vec<CommandResult>),
 }
 
 /// The snapshot object handed around inside openraft. A built snapshot carries no data: its data

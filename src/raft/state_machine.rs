@@ -1,7 +1,10 @@
 //! Applies committed commands to the shard's sled tree, and builds/installs snapshots.
 //!
-//! `apply` writes the data and the applied log id in one atomic sled batch, so the tree always
-//! knows exactly how far it got; after a crash openraft re-applies from there using the WAL.
+//! `apply` writes the data, then the applied log id (one by one: an atomic sled batch costs a
+//! disk write and a wake-up of sled's 7 I/O threads per call, and halved write throughput). The
+//! tree is therefore always at or after its applied record; after a crash openraft re-applies from
+//! the record using the WAL, which repairs any partial apply because every command is a blind
+//! write (the fuzzy-snapshot argument in [`crate::raft`]).
 //! A snapshot is fuzzy (see [`crate::raft`]): building one flushes sled and records the applied
 //! log id; installing one swaps in a tree filled by [`crate::recover`].
 
@@ -43,16 +46,60 @@ impl StateMachine {
     }
 
     /// The applied record: from memory, else from sled.
+    ///
+    /// Read from sled (at start, or after a failed write), the tree may hold more than the record
+    /// says: `apply` writes its ops one by one and the record last, and a crash keeps a prefix of
+    /// them. Replaying the log from the record repairs that (blind writes), but until then the
+    /// tree may show a write that replay will overwrite with an older one, so stale reads wait
+    /// (`consistent_from`) until the shard has applied everything that could be in the tree:
+    /// at most this node's last log entry, since `apply` never runs ahead of the WAL.
     fn take_applied(&mut self) -> Result<Applied, StorageError> {
         match self.applied.take() {
             Some(a) => Ok(a),
-            None => self.data.applied().map_err(|e| sm_err(ErrorVerb::Read, e)),
+            None => {
+                let mut a = self
+                    .data
+                    .applied()
+                    .map_err(|e| sm_err(ErrorVerb::Read, e))?;
+                let last = self.logs.last_index(self.data.shard);
+                let applied = a.last_applied.map_or(0, |l| l.index);
+                if last > applied && last > a.consistent_from {
+                    a.consistent_from = last;
+                    self.data.set_floor(&a);
+                }
+                Ok(a)
+            }
         }
     }
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::fmt::Display) -> StorageError {
     storage_err(ErrorSubject::StateMachine, verb, e)
+}
+
+/// The sled ops of a command, in order.
+fn push_ops<'a>(cmd: &'a Command, ops: &mut Vec<Op<'a>>) {
+    match cmd {
+        Command::Put { key, value } => ops.push(Op::Put(key, value)),
+        Command::Delete { key } => ops.push(Op::Delete(key)),
+        Command::Batch(cmds) => cmds.iter().for_each(|c| push_ops(c, ops)),
+    }
+}
+
+/// A command's result, taking its ops' results (see [`ShardData::apply`]) in [`push_ops`] order.
+fn result_of(cmd: &Command, results: &mut impl Iterator<Item = Option<bool>>) -> CommandResult {
+    match cmd {
+        Command::Put { .. } => {
+            results.next();
+            CommandResult::Put
+        }
+        Command::Delete { .. } => CommandResult::Delete {
+            existed: results.next().flatten().unwrap_or(false),
+        },
+        Command::Batch(cmds) => {
+            CommandResult::Batch(cmds.iter().map(|c| result_of(c, results)).collect())
+        }
+    }
 }
 
 pub struct SnapshotBuilder {
@@ -118,24 +165,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Taken out: on any error below it stays `None` and is re-read from sled next time.
         let mut applied = self.take_applied()?;
         let mut ops = Vec::with_capacity(entries.len());
-        // Which op (if any) each entry produced, to map results back.
-        let mut op_of = Vec::with_capacity(entries.len());
         for e in &entries {
             applied.last_applied = Some(e.log_id);
             match &e.payload {
-                EntryPayload::Blank => op_of.push(None),
+                EntryPayload::Blank => {}
                 EntryPayload::Membership(m) => {
                     applied.membership = StoredMembership::new(Some(e.log_id), m.clone());
-                    op_of.push(None);
                 }
-                EntryPayload::Normal(Command::Put { key, value }) => {
-                    op_of.push(Some(ops.len()));
-                    ops.push(Op::Put(key, value));
-                }
-                EntryPayload::Normal(Command::Delete { key }) => {
-                    op_of.push(Some(ops.len()));
-                    ops.push(Op::Delete(key));
-                }
+                EntryPayload::Normal(cmd) => push_ops(cmd, &mut ops),
             }
         }
         // openraft lets a node apply committed entries before its own WAL has flushed them (a
@@ -157,12 +194,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .apply(&ops, &applied)
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         self.applied = Some(applied);
-        Ok(op_of
-            .into_iter()
-            .map(|i| match i.and_then(|i| results.get(i).copied()) {
-                None => CommandResult::None,
-                Some(None) => CommandResult::Put,
-                Some(Some(existed)) => CommandResult::Delete { existed },
+        // Map the ops' results back onto the entries, in the order push_ops listed them.
+        let mut results = results.into_iter();
+        Ok(entries
+            .iter()
+            .map(|e| match &e.payload {
+                EntryPayload::Normal(cmd) => result_of(cmd, &mut results),
+                _ => CommandResult::None,
             })
             .collect())
     }
@@ -213,5 +251,106 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta,
             snapshot: Box::default(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Op, StateDb};
+    use crate::wal::WalOptions;
+    use openraft::CommittedLeaderId;
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(1, 0), index)
+    }
+
+    /// A WAL and a sled database in a temporary dir, and shard 0's data.
+    fn store() -> (tempfile::TempDir, Arc<LogManager>, Arc<ShardData>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let logs = LogManager::open(WalOptions {
+            dir: dir.path().join("wal"),
+            fsync: false,
+            ..Default::default()
+        })
+        .expect("wal");
+        let db = StateDb::open(&dir.path().join("state")).expect("sled");
+        let data = db.shard(0).expect("shard");
+        (dir, logs, data)
+    }
+
+    /// A crash in the middle of `apply` leaves the tree ahead of its applied record. Until replay
+    /// has passed everything the tree may hold, stale reads must be refused: otherwise one could
+    /// see a newer value, then an older one while replay re-applies the entries in between.
+    #[tokio::test]
+    async fn tree_ahead_of_its_record_holds_back_stale_reads() {
+        let (_dir, logs, data) = store();
+        // This node's log reaches index 7.
+        logs.seed(0, None, log_id(7)).await.expect("seed");
+        // The tree holds entry 7's write, its record says 3 (the record's write was lost).
+        let record = Applied {
+            last_applied: Some(log_id(3)),
+            ..Default::default()
+        };
+        data.apply(&[Op::Put(b"k", b"from entry 7")], &record)
+            .expect("apply");
+        assert_eq!(data.read_floor().expect("floor").consistent_from, 0);
+
+        let mut sm = StateMachine::new(data.clone(), logs.clone());
+        let (applied, _) = sm.applied_state().await.expect("applied state");
+        assert_eq!(applied, Some(log_id(3)), "replay starts from the record");
+        let floor = data.read_floor().expect("floor");
+        assert_eq!(floor.applied_index, 3);
+        assert_eq!(
+            floor.consistent_from, 7,
+            "stale reads wait until the shard has applied everything the tree may hold"
+        );
+    }
+
+    /// A batch entry's writes apply in order, each with its own result, and a later write in
+    /// the batch sees an earlier one.
+    #[tokio::test]
+    async fn batch_entry_applies_in_order_with_one_result_per_write() {
+        let (_dir, logs, data) = store();
+        let mut sm = StateMachine::new(data.clone(), logs);
+        let put = |k: &[u8], v: &[u8]| Command::Put {
+            key: k.to_vec(),
+            value: v.to_vec(),
+        };
+        let del = |k: &[u8]| Command::Delete { key: k.to_vec() };
+        let entry = |index, cmd| Entry {
+            log_id: log_id(index),
+            payload: EntryPayload::Normal(cmd),
+        };
+        let results = sm
+            .apply(vec![
+                entry(1, put(b"a", b"1")),
+                entry(
+                    2,
+                    Command::Batch(vec![put(b"b", b"2"), del(b"a"), del(b"a"), del(b"b")]),
+                ),
+                entry(3, del(b"zz")),
+            ])
+            .await
+            .expect("apply");
+        assert_eq!(
+            results,
+            vec![
+                CommandResult::Put,
+                CommandResult::Batch(vec![
+                    CommandResult::Put,
+                    CommandResult::Delete { existed: true },
+                    CommandResult::Delete { existed: false },
+                    CommandResult::Delete { existed: true },
+                ]),
+                CommandResult::Delete { existed: false },
+            ]
+        );
+        assert_eq!(data.get(b"a").expect("get"), None);
+        assert_eq!(data.get(b"b").expect("get"), None);
+        assert_eq!(
+            data.applied().expect("applied").last_applied,
+            Some(log_id(3))
+        );
     }
 }
