@@ -402,14 +402,29 @@ impl Node {
 
         tokio::spawn(crate::balance::run(self.clone(), self.stop_signal()));
 
+        // A node that lost its disk pulls all its shards at once, each on its own task: the
+        // streams come from different peers, and the writes into sled use every core (one
+        // task doing them all measured 56-59 MB/s for 1M keys; see the README).
+        let mut pulls = Vec::new();
+        for (shard, plan) in &plans {
+            if let Plan::Recover(peer) = *plan {
+                // Persisted first: a crash in the middle must not let this shard vote later.
+                self.state.set_recovering(*shard, true)?;
+                let data = self.state.shard(*shard)?;
+                let (me, shard) = (self.clone(), *shard);
+                pulls.push(tokio::spawn(async move {
+                    me.recover_before_start(shard, peer, &data).await
+                }));
+            }
+        }
+        for pull in pulls {
+            pull.await
+                .map_err(|e| StartError::Other(format!("recovering a shard: {e}")))??;
+        }
+
         let raft_config = self.raft_config()?;
         for (shard, plan) in plans {
             let data = self.state.shard(shard)?;
-            if let Plan::Recover(peer) = plan {
-                // Persisted first: a crash in the middle must not let this shard vote later.
-                self.state.set_recovering(shard, true)?;
-                self.recover_before_start(shard, peer, &data).await?;
-            }
             let recovering = self.state.is_recovering(shard)?;
             let replicas = self.placement.replicas(shard).to_vec();
             let network = ShardNetwork {

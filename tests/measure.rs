@@ -84,12 +84,13 @@ fn failover_read_gap() {
     });
 }
 
-/// Loads `n` keys with 64 concurrent writers.
+/// Loads `n` keys with 256 concurrent writers.
 async fn load(c: &Cluster, n: u32, value_len: usize) -> Duration {
     let client = Arc::new(c.client_all());
     let t = Instant::now();
     let mut tasks = Vec::new();
-    for w in 0..64u32 {
+    let writers = 256u32;
+    for w in 0..writers {
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
             let value = vec![b'v'; value_len];
@@ -99,7 +100,7 @@ async fn load(c: &Cluster, n: u32, value_len: usize) -> Duration {
                     .put(format!("key-{i:08}").as_bytes(), &value)
                     .await
                     .expect("put");
-                i += 64;
+                i += writers;
             }
         }));
     }
@@ -109,12 +110,16 @@ async fn load(c: &Cluster, n: u32, value_len: usize) -> Duration {
     t.elapsed()
 }
 
-/// A wiped node holding 100k keys (256-byte values) rebuilt from its peers.
+/// A wiped node holding 100k keys (256-byte values; `KV_REBUILD_KEYS` for more) rebuilt from
+/// its peers.
 #[test]
 #[ignore]
 fn rebuild_wiped_node() {
     rt().block_on(async {
-        let n = 100_000u32;
+        let n: u32 = std::env::var("KV_REBUILD_KEYS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
         let mut c = Cluster::start(3, "").await;
         let took = load(&c, n, 256).await;
         println!(
@@ -166,7 +171,8 @@ fn rebuild_wiped_node() {
             bytes as f64 / 1e6 / streamed.as_secs_f64()
         );
         let alone = c.client(&[1]);
-        let got = alone.get(b"key-00099999", true).await.expect("stale get");
+        let last = format!("key-{:08}", n - 1);
+        let got = alone.get(last.as_bytes(), true).await.expect("stale get");
         assert_eq!(got.value.map(|v| v.len()), Some(256));
     });
 }
