@@ -342,14 +342,16 @@ pub struct Staging {
 }
 
 impl Staging {
+    /// Adds received pairs. One insert each, not one sled batch: nobody reads this tree before
+    /// the install swaps it in (a crash before that discards it), so atomicity buys nothing, and
+    /// sled's batches cost a sorted copy and a sealed I/O buffer each (a wiped node's 1M-key
+    /// rebuild: 58 MB/s with batches, 93 MB/s without).
     pub fn put_batch(&mut self, pairs: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StateError> {
-        let mut batch = sled::Batch::default();
         for (k, v) in pairs {
             self.keys += 1;
             self.bytes += (k.len() + v.len()) as u64;
-            batch.insert(data_key(k), v.as_slice());
+            self.tree.insert(data_key(k), v.as_slice())?;
         }
-        self.tree.apply_batch(batch)?;
         Ok(())
     }
 }

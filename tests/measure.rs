@@ -166,7 +166,11 @@ fn rebuild_wiped_node() {
             keys += field("keys");
             bytes += field("bytes");
         }
-        assert_eq!(keys, u64::from(n), "the recover_done lines account for every key");
+        assert_eq!(
+            keys,
+            u64::from(n),
+            "the recover_done lines account for every key"
+        );
         println!(
             "wiped node rebuilt: {keys} keys ({:.1} MB) streamed over Recover in {streamed:?} \
              from process start ({:.1} MB/s); every shard caught up with its leader after {took:?}",
