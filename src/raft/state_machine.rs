@@ -1,10 +1,10 @@
 //! Applies committed commands to the shard's sled tree, and builds/installs snapshots.
 //!
-//! `apply` writes the data, then the applied log id (one by one: an atomic sled batch costs a
-//! disk write and a wake-up of sled's 7 I/O threads per call: 5.8k writes/s with it, 8.5k without). The
-//! tree is therefore always at or after its applied record; after a crash openraft re-applies from
-//! the record using the WAL, which repairs any partial apply because every command is a blind
-//! write (the fuzzy-snapshot argument in [`crate::raft`]).
+//! `apply` writes the data, then the applied log id, one by one: an atomic sled batch costs a
+//! disk write and a wake-up of sled's 7 I/O threads per call (5.8k writes/s with it, 8.5k
+//! without). The tree is therefore always at or after its applied record; after a crash openraft
+//! re-applies from the record using the WAL, which repairs any partial apply because every
+//! command is a blind write (the fuzzy-snapshot argument in [`crate::raft`]).
 //! A snapshot is fuzzy (see [`crate::raft`]): building one flushes sled and records the applied
 //! log id; installing one swaps in a tree filled by [`crate::recover`].
 
