@@ -403,8 +403,9 @@ impl Node {
         tokio::spawn(crate::balance::run(self.clone(), self.stop_signal()));
 
         // A node that lost its disk pulls all its shards at once, each on its own task: the
-        // streams come from different peers, and the writes into sled use every core (one
-        // task doing them all measured 56-59 MB/s for 1M keys; see the README).
+        // streams come from different peers, and the receiving side's sled inserts (its main
+        // cost) can use every core. (On the 2-core development box this measured the same as
+        // one shard after another, both cores being busy either way.)
         let mut pulls = Vec::new();
         for (shard, plan) in &plans {
             if let Plan::Recover(peer) = *plan {

@@ -4,8 +4,9 @@
 //! Promises:
 //! - The tree's content is the result of applying the log up to the recorded applied log id, or a
 //!   fuzzy state at or after it (see [`crate::raft`]): [`ShardData::apply`] writes the ops first
-//!   and the record last, and sled recovers a prefix of its writes after a crash; right after a
-//!   snapshot install too.
+//!   and the record last, and sled recovers a prefix of its writes after a crash (its log is
+//!   read back up to the first missing or torn message; the atomic batches used before relied on
+//!   the same property from one batch to the next); right after a snapshot install too.
 //! - sled flushes lazily (only when a snapshot is built), so after a crash the tree may be behind
 //!   the WAL; the node then replays the WAL from the recorded applied index. Nothing is ever
 //!   acknowledged on sled alone.

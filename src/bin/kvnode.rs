@@ -9,11 +9,6 @@
 //! recovers from the WAL.
 
 use std::path::PathBuf;
-
-/// mimalloc instead of glibc's malloc: allocation and free were 10 % of a node's CPU under
-/// writes (keys, values and Raft messages move through several layers); see BENCHMARKS.md.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -28,6 +23,11 @@ use kvstore::pb::cluster_server::ClusterServer;
 use kvstore::pb::key_value_server::KeyValueServer;
 use kvstore::peers::{CONNECTION_WINDOW, MAX_MESSAGE, STREAM_WINDOW};
 use kvstore::server::{self, ClusterService, KeyValueService};
+
+/// mimalloc instead of glibc's malloc: allocation and free were 10 % of a node's CPU under
+/// writes (keys, values and Raft messages move through several layers); see BENCHMARKS.md.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(name = "kvnode", version, about = "A node of a kvstore cluster")]
