@@ -144,9 +144,9 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, counts: Arc<Counts>) {
 }
 
 /// Proposes one batch and answers each of its writes.
-async fn propose(raft: &Raft, mut batch: Vec<Pending>) {
+async fn propose(raft: &Raft, batch: Vec<Pending>) {
     let single = batch.len() == 1;
-    let (mut cmds, dones): (Vec<_>, Vec<_>) = batch.drain(..).map(|p| (p.cmd, p.done)).unzip();
+    let (mut cmds, dones): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.done)).unzip();
     // A lone write is proposed as itself: no batch wrapper on disk or on the wire.
     let cmd = if single {
         cmds.remove(0)

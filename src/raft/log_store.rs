@@ -105,6 +105,12 @@ impl ShardState {
         }
     }
 
+    /// The index of the last log entry, or of the last purged one; 0 when there is neither.
+    fn last_index(&self) -> u64 {
+        let last = self.entries.last_key_value().map(|(i, _)| *i);
+        last.or(self.last_purged.map(|l| l.index)).unwrap_or(0)
+    }
+
     fn has_state(&self) -> bool {
         self.vote.is_some() || self.last_purged.is_some() || !self.entries.is_empty()
     }
@@ -181,9 +187,7 @@ impl LogManager {
             .iter()
             .filter_map(|(k, s)| {
                 let s = lock(s);
-                let last = s.entries.last_key_value().map(|(i, _)| *i);
-                let last = last.or(s.last_purged.map(|l| l.index));
-                s.has_state().then_some((*k, last.unwrap_or(0)))
+                s.has_state().then(|| (*k, s.last_index()))
             })
             .collect();
         v.sort_unstable();
@@ -192,12 +196,8 @@ impl LogManager {
 
     /// The index of `shard`'s last log entry on this node (or of the last purged one; 0 if none).
     pub fn last_index(&self, shard: ShardId) -> u64 {
-        let Some(state) = lock(&self.shards).get(&shard).cloned() else {
-            return 0;
-        };
-        let s = lock(&state);
-        let last = s.entries.last_key_value().map(|(i, _)| *i);
-        last.or(s.last_purged.map(|l| l.index)).unwrap_or(0)
+        let state = lock(&self.shards).get(&shard).cloned();
+        state.map_or(0, |s| lock(&s).last_index())
     }
 
     /// Shards that have any Raft state on this node.
