@@ -25,6 +25,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod heartbeat;
+pub mod lease;
 pub mod node;
 pub mod peers;
 pub mod placement;

@@ -24,6 +24,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::heartbeat::{self, Health};
+use crate::lease::LeaderLease;
 use crate::pb::PingRequest;
 use crate::peers::Peers;
 use crate::placement::Placement;
@@ -134,13 +135,21 @@ pub type ReadIndexResult = Result<(), ReadIndexError>;
 
 /// Read-index rounds of one shard: `ensure_linearizable`, bounded by `timeout` (each read also
 /// has its own deadline; this only keeps a stuck round from blocking the shard's reads forever).
-fn read_rounds(raft: Raft, timeout: Duration) -> Coalescer<ReadIndexResult> {
+/// A successful round also confirms the shard's leader lease for its term.
+fn read_rounds(
+    raft: Raft,
+    lease: Arc<LeaderLease>,
+    timeout: Duration,
+) -> Coalescer<ReadIndexResult> {
     use openraft::error::{CheckIsLeaderError, RaftError};
     Coalescer::new(Arc::new(move || {
-        let raft = raft.clone();
+        let (raft, lease) = (raft.clone(), lease.clone());
         Box::pin(async move {
             match tokio::time::timeout(timeout, raft.ensure_linearizable()).await {
-                Ok(Ok(_)) => Ok(()),
+                Ok(Ok(read_log_id)) => {
+                    lease.confirmed(read_log_id);
+                    Ok(())
+                }
                 Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
                     Err(ReadIndexError::NotLeader(f.leader_id))
                 }
@@ -161,6 +170,8 @@ pub struct Shard {
     pub replicas: Vec<NodeId>,
     /// Linearizable reads of this shard share read-index rounds (see [`crate::read_index`]).
     pub reads: Coalescer<ReadIndexResult>,
+    /// Lets the leader serve linearizable reads without a round (see [`crate::lease`]).
+    pub lease: Arc<LeaderLease>,
     /// Concurrent writes to this shard share Raft entries (see [`crate::write_batch`]).
     pub writes: WriteBatcher,
 }
@@ -428,10 +439,16 @@ impl Node {
             let data = self.state.shard(shard)?;
             let recovering = self.state.is_recovering(shard)?;
             let replicas = self.placement.replicas(shard).to_vec();
+            let lease = Arc::new(LeaderLease::new(
+                self.id,
+                &replicas,
+                Duration::from_millis(self.config.election_timeout_ms),
+            ));
             let network = ShardNetwork {
                 shard,
                 me: self.id,
                 peers: self.peers.clone(),
+                lease: lease.clone(),
             };
             let raft = Raft::new(
                 self.id,
@@ -480,6 +497,7 @@ impl Node {
             tokio::spawn(watch_fatal(self.clone(), shard, raft.clone()));
             let reads = read_rounds(
                 raft.clone(),
+                lease.clone(),
                 Duration::from_millis(self.config.request_timeout_ms),
             );
             let writes = WriteBatcher::start(raft.clone());
@@ -489,6 +507,7 @@ impl Node {
                 data,
                 replicas,
                 reads,
+                lease,
                 writes,
             });
             self.shards

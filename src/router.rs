@@ -210,12 +210,6 @@ impl Node {
                 shard.id
             ))
         };
-        let timed_out = || {
-            LocalError::Unavailable(format!(
-                "shard {}: timed out waiting for a quorum",
-                shard.id
-            ))
-        };
         match op {
             Op::Put { .. } | Op::Delete { .. } => {
                 let cmd = match op {
@@ -257,27 +251,19 @@ impl Node {
                             shard.id, floor.consistent_from
                         )));
                     }
-                } else {
-                    // One read-index round, shared with the shard's other reads that arrived
-                    // before it started (never one that started before this read arrived).
-                    let res = tokio::time::timeout(remaining, shard.reads.wait())
-                        .await
-                        .map_err(|_| timed_out())?;
-                    match res {
-                        Some(Ok(())) => {}
-                        Some(Err(ReadIndexError::NotLeader(leader))) => {
-                            return Err(LocalError::NotLeader(leader))
-                        }
-                        Some(Err(ReadIndexError::Unavailable(m))) => {
-                            return Err(LocalError::Unavailable(format!("shard {}: {m}", shard.id)))
-                        }
-                        None => {
-                            return Err(LocalError::Unavailable(format!(
-                                "shard {}: read-index round abandoned",
-                                shard.id
-                            )))
-                        }
+                } else if shard.lease.holds(&shard.raft.metrics().borrow()) {
+                    // The leader's lease covers the read if it still does once the value is read
+                    // (see crate::lease); otherwise it takes a round like any other.
+                    let value = shard
+                        .data
+                        .get(key)
+                        .map_err(|e| LocalError::Unavailable(e.to_string()))?;
+                    if shard.lease.holds(&shard.raft.metrics().borrow()) {
+                        return Ok(Outcome::Get { value });
                     }
+                    self.read_round(shard, remaining).await?;
+                } else {
+                    self.read_round(shard, remaining).await?;
                 }
                 let value = shard
                     .data
@@ -285,6 +271,30 @@ impl Node {
                     .map_err(|e| LocalError::Unavailable(e.to_string()))?;
                 Ok(Outcome::Get { value })
             }
+        }
+    }
+
+    /// One read-index round, shared with the shard's other reads that arrived before it started
+    /// (never one that started before this read arrived).
+    async fn read_round(&self, shard: &Shard, remaining: Duration) -> Result<(), LocalError> {
+        let res = tokio::time::timeout(remaining, shard.reads.wait())
+            .await
+            .map_err(|_| {
+                LocalError::Unavailable(format!(
+                    "shard {}: timed out waiting for a quorum",
+                    shard.id
+                ))
+            })?;
+        match res {
+            Some(Ok(())) => Ok(()),
+            Some(Err(ReadIndexError::NotLeader(leader))) => Err(LocalError::NotLeader(leader)),
+            Some(Err(ReadIndexError::Unavailable(m))) => {
+                Err(LocalError::Unavailable(format!("shard {}: {m}", shard.id)))
+            }
+            None => Err(LocalError::Unavailable(format!(
+                "shard {}: read-index round abandoned",
+                shard.id
+            ))),
         }
     }
 

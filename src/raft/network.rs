@@ -22,6 +22,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{NodeId, ShardId, TypeConfig, Vote};
+use crate::lease::LeaderLease;
 use crate::pb::{RaftKind, RaftRequest};
 use crate::peers::Peers;
 
@@ -33,6 +34,8 @@ pub struct ShardNetwork {
     pub shard: ShardId,
     pub me: NodeId,
     pub peers: Arc<Peers>,
+    /// Told which AppendEntries requests the peers accepted, and when they were sent.
+    pub lease: Arc<LeaderLease>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
@@ -128,8 +131,12 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let sent = tokio::time::Instant::now();
         match self.call(RaftKind::Append, &rpc, option.hard_ttl()).await {
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => {
+                self.net.lease.answered(&rpc.vote, self.target, sent, &resp);
+                Ok(resp)
+            }
             Ok(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             Err(e) => Err(self.rpc_error(e)),
         }
