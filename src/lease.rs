@@ -20,10 +20,11 @@
 //! 3. a quorum (counting itself) accepted AppendEntries requests of term `T` sent no longer than
 //!    `election_timeout_ms` ago: half the followers' promise, which leaves room for clocks that
 //!    run at different rates and for a slow check;
-//! 4. no vote request for term `T` or later has reached it. openraft's leader does not hold its
+//! 4. no vote request for a term after `T` has reached it. openraft's leader does not hold its
 //!    own vote to the lease, so it may grant a candidate's vote, and a candidate elected with it
 //!    needs no follower's promise; the vote request is seen here, by our RPC handler, before
-//!    openraft handles it, and the lease of term `T` is gone for good.
+//!    openraft handles it, and the lease of term `T` is gone for good. (A candidate of term `T`
+//!    itself cannot win: every voter that elected this leader has voted in `T` already.)
 //!
 //! Otherwise the read takes a round, as before.
 //!
@@ -165,7 +166,7 @@ impl LeaderLease {
         let st = self.lock();
         if st.vote != Some(m.vote)
             || st.confirmed_term != Some(term)
-            || st.requested_term.is_some_and(|t| t >= term)
+            || st.requested_term.is_some_and(|t| t > term)
         {
             return false;
         }
@@ -253,7 +254,11 @@ mod tests {
         let t0 = Instant::now();
         let (lease, m) = leased(t0);
         lease.vote_requested(&Vote::new(4, 3));
-        assert!(lease.holds_at(&m, t0), "a stale candidate cannot win");
+        lease.vote_requested(&Vote::new(5, 3));
+        assert!(
+            lease.holds_at(&m, t0),
+            "a candidate of this term or before cannot win"
+        );
         lease.vote_requested(&Vote::new(6, 3));
         assert!(!lease.holds_at(&m, t0));
         lease.answered(&m.vote, 2, t0, &AppendEntriesResponse::Success);
