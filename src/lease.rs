@@ -28,13 +28,13 @@
 //!
 //! Otherwise the read takes a round, as before.
 //!
-//! # The other half: restarted nodes
+//! # Restarted followers
 //!
-//! A follower's promise lives in memory; openraft forgets it on restart and would vote at once.
-//! So a shard refuses every vote request for `2 × election_timeout_ms` after it starts
-//! ([`LeaderLease::may_vote`]). A restart comes after the promise was made, so the promise is kept.
-//! It delays the first election of a freshly started cluster by that long, nothing else: a
-//! restarted leader resumes without an election (openraft restores it).
+//! A follower's promise lives in memory. openraft 0.9.25 keeps it across a restart: it stamps the
+//! vote it reads from disk with the start time (`storage::helper`), so a restarted follower
+//! refuses votes for `election_timeout_max` after it starts, and a restart comes after the
+//! promise was made. `tests/scenarios.rs` (`restarted_node_holds_its_vote_while_a_lease_may_run`)
+//! checks that on real processes, so an upgrade that changed it would be caught.
 //!
 //! # Assumptions
 //!
@@ -62,8 +62,6 @@ pub struct LeaderLease {
     peers: Vec<NodeId>,
     /// How long an accepted request keeps this node's lease (rule 3).
     duration: Duration,
-    /// Votes are refused until then (a restarted node may have promised a lease).
-    hold_votes_until: Instant,
     state: Mutex<State>,
 }
 
@@ -87,7 +85,6 @@ impl LeaderLease {
             me,
             peers: replicas.iter().copied().filter(|r| *r != me).collect(),
             duration: election_timeout,
-            hold_votes_until: Instant::now() + election_timeout * 2,
             state: Mutex::new(State::default()),
         }
     }
@@ -142,11 +139,6 @@ impl LeaderLease {
     pub fn vote_requested(&self, candidate: &Vote) {
         let mut st = self.lock();
         st.requested_term = st.requested_term.max(Some(candidate.leader_id().term));
-    }
-
-    /// Whether this node may vote yet (see the module docs: restarted nodes wait).
-    pub fn may_vote(&self) -> bool {
-        Instant::now() >= self.hold_votes_until
     }
 
     /// Whether a linearizable read may be served locally right now (rules 1–4). Call it before
@@ -309,15 +301,5 @@ mod tests {
         // Quorum {1, 2, 4}: the older of the two acceptances bounds the lease.
         assert!(lease.holds_at(&m, t0 + ET - Duration::from_millis(1)));
         assert!(!lease.holds_at(&m, t0 + ET));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_fresh_shard_refuses_votes_for_twice_the_election_timeout() {
-        let lease = LeaderLease::new(1, &[1, 2, 3], ET);
-        assert!(!lease.may_vote());
-        tokio::time::advance(ET * 2 - Duration::from_millis(1)).await;
-        assert!(!lease.may_vote());
-        tokio::time::advance(Duration::from_millis(1)).await;
-        assert!(lease.may_vote());
     }
 }

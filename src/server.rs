@@ -456,10 +456,9 @@ impl pb::cluster_server::Cluster for ClusterService {
             RaftMessage::Vote(rpc) => {
                 // Before openraft sees it: the leader's lease of this term ends here.
                 shard.lease.vote_requested(&rpc.vote);
-                if self.node.is_recovering(r.shard) || !shard.lease.may_vote() {
+                if self.node.is_recovering(r.shard) {
                     // Lost its disk, not caught up: a vote from it could elect a leader missing
-                    // committed entries. Or just started: it may have promised a leader its lease
-                    // before a restart (see crate::lease). Refuse (always safe in Raft).
+                    // committed entries. Refuse (always safe in Raft).
                     let resp: Result<VoteResponse<NodeId>, openraft::error::RaftError<NodeId>> =
                         Ok(crate::raft::refused_vote(&shard.raft, &rpc));
                     encode(&resp)?

@@ -471,3 +471,78 @@ fn stopping_node_refuses_clients_safely() {
         assert!(ok_after > 0, "writes went on through node 1");
     });
 }
+
+/// A restarted node refuses every vote for 2 × `election_timeout_ms`, then votes as Raft says.
+/// Before the restart it may have promised a leader not to vote for anyone that long, and leader
+/// leases (src/lease.rs) rely on the promise being kept; openraft 0.9.25 keeps it by stamping the
+/// vote it reads from disk with the start time. This catches an upgrade that stops doing so.
+#[test]
+fn restarted_node_holds_its_vote_while_a_lease_may_run() {
+    use kvstore::pb::cluster_client::ClusterClient;
+    use kvstore::pb::{RaftKind, RaftRequest};
+    use kvstore::raft::{LogId, NodeId, Vote};
+    use openraft::raft::{VoteRequest, VoteResponse};
+    use openraft::CommittedLeaderId;
+
+    // 3 s of hold: far longer than a restart takes.
+    const HOLD: Duration = Duration::from_millis(3000);
+    rt().block_on(async {
+        let mut c = Cluster::start(3, "election_timeout_ms = 1500").await;
+        for i in 0..3 {
+            c.kill9(i);
+        }
+        // Node 2 alone: no leader is alive, so once the hold is over openraft grants the vote.
+        let started = Instant::now();
+        c.spawn(2);
+        let url = format!("http://{}", c.addrs[2]);
+        let raw = wait_for("node 2 serving", Duration::from_secs(10), || {
+            let url = url.clone();
+            async move { ClusterClient::connect(url).await.ok() }
+        })
+        .await;
+        // A candidate far ahead in term and log, so nothing but the hold can refuse it.
+        let ask = VoteRequest::new(
+            Vote::new(1_000_000, 0),
+            Some(LogId::new(CommittedLeaderId::new(999_999, 0), 1 << 40)),
+        );
+        let payload = bincode::serialize(&ask).expect("encode");
+        let granted = || {
+            let (mut raw, payload) = (raw.clone(), payload.clone());
+            async move {
+                let reply = raw
+                    .raft(RaftRequest {
+                        shard: 0,
+                        kind: RaftKind::Vote as i32,
+                        payload,
+                        from: 0,
+                    })
+                    .await
+                    .expect("vote rpc")
+                    .into_inner();
+                let r: Result<VoteResponse<NodeId>, openraft::error::RaftError<NodeId>> =
+                    bincode::deserialize(&reply.payload).expect("decode");
+                r.expect("vote answered").vote_granted
+            }
+        };
+        let first = granted().await;
+        let asked_after = started.elapsed();
+        assert!(
+            asked_after < HOLD,
+            "node 2 took {asked_after:?} to answer: the test needs the answer inside the hold"
+        );
+        assert!(!first, "a vote granted {asked_after:?} after a restart");
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if granted().await {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the vote was never granted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let granted_after = started.elapsed();
+        assert!(
+            granted_after >= HOLD,
+            "granted {granted_after:?} after the start, inside the hold"
+        );
+    });
+}

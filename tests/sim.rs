@@ -4,7 +4,7 @@
 //! Every node is our real storage stack — the WAL-backed Raft log ([`LogManager`], with the WAL
 //! flushing inline), the sled state machine, recovery of a wiped node ([`plan_shard`],
 //! [`copy_local`], [`install_recovered`], the "recovering replicas refuse votes" rule, the leader
-//! lease of linearizable reads with its "just-started replicas refuse votes" rule) — under
+//! lease of linearizable reads) — under
 //! openraft, one group per shard. Only the transport is simulated: messages go through
 //! [`World::rpc`], which delays, drops and cuts them as the seed decides. Everything runs on one
 //! thread with tokio's clock paused (it jumps to the next timer whenever every task waits), so a
@@ -438,7 +438,7 @@ impl RaftNetwork<TypeConfig> for SimLink {
             .send(option.hard_ttl(), |n| async move {
                 let s = n.shard(shard)?;
                 s.lease.vote_requested(&rpc.vote);
-                if lock(&n.recovering).contains(&shard) || !s.lease.may_vote() {
+                if lock(&n.recovering).contains(&shard) {
                     return Some(Ok(refused_vote(&s.raft, &rpc)));
                 }
                 let asked = rpc.vote;
