@@ -18,8 +18,8 @@
 //!    acknowledged later was applied here before it was acknowledged, so the state machine holds
 //!    every acknowledged write);
 //! 3. a quorum (counting itself) accepted AppendEntries requests of term `T` sent no longer than
-//!    `election_timeout_ms` ago: half the followers' promise, which leaves room for clocks that
-//!    run at different rates and for a slow check;
+//!    half of `election_timeout_max` ago (`election_timeout_ms`): half the followers' promise,
+//!    which leaves room for clocks that run at different rates and for a slow check;
 //! 4. no vote request for a term after `T` has reached it. openraft's leader does not hold its
 //!    own vote to the lease, so it may grant a candidate's vote, and a candidate elected with it
 //!    needs no follower's promise; the vote request is seen here, by our RPC handler, before
@@ -78,13 +78,14 @@ struct State {
 }
 
 impl LeaderLease {
-    /// `replicas` are the shard's voters, this node among them; `election_timeout` is the
-    /// configured `election_timeout_ms` (openraft's followers keep their promise twice as long).
-    pub fn new(me: NodeId, replicas: &[NodeId], election_timeout: Duration) -> LeaderLease {
+    /// `replicas` are the shard's voters, this node among them; `raft` is the group's openraft
+    /// config, whose `election_timeout_max` is how long a follower keeps its promise (openraft's
+    /// leader lease); this node trusts half of it.
+    pub fn new(me: NodeId, replicas: &[NodeId], raft: &openraft::Config) -> LeaderLease {
         LeaderLease {
             me,
             peers: replicas.iter().copied().filter(|r| *r != me).collect(),
-            duration: election_timeout,
+            duration: Duration::from_millis(raft.election_timeout_max / 2),
             state: Mutex::new(State::default()),
         }
     }
@@ -188,6 +189,14 @@ mod tests {
 
     const ET: Duration = Duration::from_millis(300);
 
+    fn raft_config() -> openraft::Config {
+        openraft::Config {
+            election_timeout_min: 300,
+            election_timeout_max: 600,
+            ..Default::default()
+        }
+    }
+
     fn leader_metrics(me: NodeId, term: u64) -> Metrics {
         let mut m = Metrics::new_initial(me);
         m.state = ServerState::Leader;
@@ -203,7 +212,7 @@ mod tests {
     /// A lease for node 1 of {1, 2, 3}, leading term 5, confirmed by a round, with node 2
     /// having accepted a request sent at `sent`.
     fn leased(sent: Instant) -> (LeaderLease, Metrics) {
-        let lease = LeaderLease::new(1, &[1, 2, 3], ET);
+        let lease = LeaderLease::new(1, &[1, 2, 3], &raft_config());
         let m = leader_metrics(1, 5);
         lease.confirmed(log_id(5, 10));
         lease.answered(&m.vote, 2, sent, &AppendEntriesResponse::Success);
@@ -228,7 +237,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn needs_a_round_in_the_current_term() {
         let t0 = Instant::now();
-        let lease = LeaderLease::new(1, &[1, 2, 3], ET);
+        let lease = LeaderLease::new(1, &[1, 2, 3], &raft_config());
         let m = leader_metrics(1, 5);
         lease.answered(&m.vote, 2, t0, &AppendEntriesResponse::Success);
         assert!(!lease.holds_at(&m, t0), "no round yet");
@@ -262,7 +271,7 @@ mod tests {
         let t0 = Instant::now();
         let (lease, mut m) = leased(t0);
         // Refusals do not count.
-        let other = LeaderLease::new(1, &[1, 2, 3], ET);
+        let other = LeaderLease::new(1, &[1, 2, 3], &raft_config());
         other.confirmed(log_id(5, 10));
         other.answered(
             &m.vote,
@@ -292,7 +301,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn five_voters_need_two_acceptances() {
         let t0 = Instant::now();
-        let lease = LeaderLease::new(1, &[1, 2, 3, 4, 5], ET);
+        let lease = LeaderLease::new(1, &[1, 2, 3, 4, 5], &raft_config());
         let m = leader_metrics(1, 5);
         lease.confirmed(log_id(5, 10));
         lease.answered(&m.vote, 2, t0 + ET, &AppendEntriesResponse::Success);

@@ -439,11 +439,7 @@ impl Node {
             let data = self.state.shard(shard)?;
             let recovering = self.state.is_recovering(shard)?;
             let replicas = self.placement.replicas(shard).to_vec();
-            let lease = Arc::new(LeaderLease::new(
-                self.id,
-                &replicas,
-                Duration::from_millis(self.config.election_timeout_ms),
-            ));
+            let lease = Arc::new(LeaderLease::new(self.id, &replicas, &raft_config));
             let network = ShardNetwork {
                 shard,
                 me: self.id,

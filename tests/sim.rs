@@ -580,7 +580,7 @@ impl World {
             let lease = Arc::new(LeaderLease::new(
                 id,
                 self.placement.replicas(shard),
-                Duration::from_millis(self.raft_cfg.election_timeout_min),
+                &self.raft_cfg,
             ));
             let net = SimNetwork {
                 world: self.clone(),
