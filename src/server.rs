@@ -454,7 +454,8 @@ impl pb::cluster_server::Cluster for ClusterService {
         let payload = match decode_raft(r.kind, &r.payload)? {
             RaftMessage::Append(rpc) => encode(&shard.raft.append_entries(rpc).await)?,
             RaftMessage::Vote(rpc) => {
-                // Before openraft sees it: the leader's lease of this term ends here.
+                // Noted before openraft sees it: a vote request for a later term ends this node's
+                // leader lease (see crate::lease).
                 shard.lease.vote_requested(&rpc.vote);
                 if self.node.is_recovering(r.shard) {
                     // Lost its disk, not caught up: a vote from it could elect a leader missing

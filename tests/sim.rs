@@ -4,11 +4,11 @@
 //! Every node is our real storage stack — the WAL-backed Raft log ([`LogManager`], with the WAL
 //! flushing inline), the sled state machine, recovery of a wiped node ([`plan_shard`],
 //! [`copy_local`], [`install_recovered`], the "recovering replicas refuse votes" rule, the leader
-//! lease of linearizable reads) — under
-//! openraft, one group per shard. Only the transport is simulated: messages go through
-//! [`World::rpc`], which delays, drops and cuts them as the seed decides. Everything runs on one
-//! thread with tokio's clock paused (it jumps to the next timer whenever every task waits), so a
-//! run of 20 simulated seconds takes a fraction of that, and nothing depends on real time.
+//! lease of linearizable reads) — under openraft, one group per shard. Only the transport is
+//! simulated: messages go through [`World::rpc`], which delays, drops and cuts them as the seed
+//! decides. Everything runs on one thread with tokio's clock paused (it jumps to the next timer
+//! whenever every task waits), so a run of 20 simulated seconds takes a fraction of that, and
+//! nothing depends on real time.
 //!
 //! While clients run puts, gets and deletes on a few keys and record every operation, a nemesis
 //! partitions nodes, cuts single links, makes the network lossy, crashes nodes (restarting them
