@@ -50,7 +50,7 @@ use openraft::raft::AppendEntriesResponse;
 use openraft::{RaftMetrics, ServerState};
 use tokio::time::Instant;
 
-use crate::raft::{LogId, NodeId, Vote};
+use crate::raft::{LogId, NodeId, Raft, Vote};
 
 /// A shard group's metrics.
 pub type Metrics = RaftMetrics<NodeId, openraft::BasicNode>;
@@ -142,12 +142,20 @@ impl LeaderLease {
         st.requested_term = st.requested_term.max(Some(candidate.leader_id().term));
     }
 
-    /// Whether a linearizable read may be served locally right now (rules 1–4). Call it before
-    /// and after reading.
-    pub fn holds(&self, m: &Metrics) -> bool {
-        self.holds_at(m, Instant::now())
+    /// Runs `read` under the lease: `Some` of its result when the lease held both before and
+    /// after it (so the read itself happened inside the lease), `None` when the read must take a
+    /// read-index round instead.
+    pub fn read<T>(&self, raft: &Raft, read: impl FnOnce() -> T) -> Option<T> {
+        let metrics = raft.metrics();
+        if !self.holds_at(&metrics.borrow(), Instant::now()) {
+            return None;
+        }
+        let value = read();
+        let still = self.holds_at(&metrics.borrow(), Instant::now());
+        still.then_some(value)
     }
 
+    /// Whether a linearizable read may be served locally at `now` (rules 1–4).
     fn holds_at(&self, m: &Metrics, now: Instant) -> bool {
         let term = m.vote.leader_id().term;
         if m.state != ServerState::Leader

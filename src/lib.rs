@@ -9,12 +9,13 @@
 //! - [`write_batch`]: a shard's concurrent writes share one Raft entry.
 //! - [`raft`]: one openraft group per shard; commit on a majority.
 //! - [`wal`]: the node's write-ahead log (Raft entries and votes of every shard), group-committed.
-//! - [`state`]: sled, one tree per shard, data and applied index written together.
+//! - [`state`]: sled, one tree per shard: the data, then the applied index.
 //!
 //! Around them: [`config`] (the cluster file), [`placement`] (shards and their replicas),
 //! [`peers`] (connections), [`heartbeat`] (who is up), [`recover`] (streaming a shard's state to a
-//! node that lost it), [`node`] (start-up and shutdown), [`client`] (what `kvctl` and the tests
-//! use), [`telemetry`] (journald or stderr).
+//! node that lost it), [`node`] (start-up and shutdown), [`read_index`] and [`lease`]
+//! (linearizable reads: shared quorum rounds, or the leader's lease), [`client`] (what `kvctl`
+//! and the tests use), [`telemetry`] (journald or stderr).
 
 // tonic::Status and openraft::StorageError are the errors these layers speak; boxing them at every
 // boundary would add allocations for no reader's benefit.

@@ -239,6 +239,12 @@ impl Node {
                 }
             }
             Op::Get { key, stale } => {
+                let read = || {
+                    shard
+                        .data
+                        .get(key)
+                        .map_err(|e| LocalError::Unavailable(e.to_string()))
+                };
                 if *stale {
                     let floor = shard
                         .data
@@ -251,25 +257,13 @@ impl Node {
                             shard.id, floor.consistent_from
                         )));
                     }
-                } else if shard.lease.holds(&shard.raft.metrics().borrow()) {
-                    // The leader's lease covers the read if it still does once the value is read
-                    // (see crate::lease); otherwise it takes a round like any other.
-                    let value = shard
-                        .data
-                        .get(key)
-                        .map_err(|e| LocalError::Unavailable(e.to_string()))?;
-                    if shard.lease.holds(&shard.raft.metrics().borrow()) {
-                        return Ok(Outcome::Get { value });
-                    }
-                    self.read_round(shard, remaining).await?;
+                } else if let Some(value) = shard.lease.read(&shard.raft, read) {
+                    // Served under the leader's lease (see crate::lease).
+                    return Ok(Outcome::Get { value: value? });
                 } else {
                     self.read_round(shard, remaining).await?;
                 }
-                let value = shard
-                    .data
-                    .get(key)
-                    .map_err(|e| LocalError::Unavailable(e.to_string()))?;
-                Ok(Outcome::Get { value })
+                Ok(Outcome::Get { value: read()? })
             }
         }
     }

@@ -872,16 +872,13 @@ async fn serve(node: Arc<SimNode>, shard: ShardId, key: Vec<u8>, call: Call) -> 
     };
     let cmd = match call {
         Call::Get => {
-            if s.lease.holds(&s.raft.metrics().borrow()) {
-                let read = s.data.get(&key);
-                if s.lease.holds(&s.raft.metrics().borrow()) {
-                    s.lease_reads
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return match read {
-                        Ok(v) => Reply::Done(Ret::Get(v)),
-                        Err(_) => Reply::ReadFailed,
-                    };
-                }
+            if let Some(read) = s.lease.read(&s.raft, || s.data.get(&key)) {
+                s.lease_reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return match read {
+                    Ok(v) => Reply::Done(Ret::Get(v)),
+                    Err(_) => Reply::ReadFailed,
+                };
             }
             return match s.raft.ensure_linearizable().await {
                 Ok(read_log_id) => {
