@@ -445,12 +445,13 @@ impl Node {
                 me: self.id,
                 peers: self.peers.clone(),
                 lease: lease.clone(),
+                logs: self.logs.clone(),
             };
             let raft = Raft::new(
                 self.id,
                 raft_config.clone(),
                 network,
-                self.logs.shard(shard),
+                self.logs.shard(shard).leading_as(self.id),
                 StateMachine::new(data.clone(), self.logs.clone()),
             )
             .await

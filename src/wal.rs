@@ -474,6 +474,11 @@ struct State {
     dir_gen: u64,
     dir_synced_gen: u64,
     pending: Vec<FlushCallback>,
+    /// The position the flusher's current round makes durable, while one runs.
+    inflight: Option<WalPos>,
+    /// Callbacks of [`Wal::flush_upto`] whose position the current round covers: called when it
+    /// ends, without a round of their own.
+    riders: Vec<FlushCallback>,
     closing: bool,
     failed: Option<String>,
     scratch: Vec<u8>,
@@ -662,10 +667,17 @@ fn run_flusher(shared: &Shared) {
             while st.pending.is_empty() && !st.closing {
                 st = shared.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
             }
-            (mem::take(&mut st.pending), st.sync_snapshot(), st.closing)
+            let snapshot = st.sync_snapshot();
+            st.inflight = snapshot.as_ref().ok().map(|s| s.target);
+            (mem::take(&mut st.pending), snapshot, st.closing)
         };
         // The lock is released here: appends proceed while we fsync.
         let result = snapshot.and_then(|snap| shared.sync_round(snap));
+        let riders = {
+            let mut st = shared.lock();
+            st.inflight = None;
+            mem::take(&mut st.riders)
+        };
         if !batch.is_empty() {
             shared
                 .cfg
@@ -673,7 +685,7 @@ fn run_flusher(shared: &Shared) {
                 .flush_rounds
                 .fetch_add(1, Ordering::Relaxed);
         }
-        for done in batch {
+        for done in batch.into_iter().chain(riders) {
             let outcome = match &result {
                 Ok(()) => Ok(()),
                 Err(err) => Err(err.duplicate()),
@@ -799,6 +811,8 @@ impl Wal {
             dir_gen,
             dir_synced_gen: dir_gen,
             pending: Vec::new(),
+            inflight: None,
+            riders: Vec::new(),
             closing: false,
             failed: None,
             scratch: Vec::new(),
@@ -899,6 +913,40 @@ impl Wal {
             None => self.shared.wake.notify_one(),
             Some((done, err)) => done(Err(err)),
         }
+    }
+
+    /// Calls `done` once every record that starts before `pos` is durable, or with the error
+    /// that prevented it. Unlike [`Wal::flush`] it asks for no round of its own when it need not:
+    /// at once if `pos` is already durable, at the end of the flusher's current round if that
+    /// round covers `pos`, otherwise as [`Wal::flush`] does.
+    pub fn flush_upto(&self, pos: WalPos, done: FlushCallback) {
+        if !self.shared.cfg.inline_flush {
+            let mut st = self.shared.lock();
+            if st.check_usable().is_ok() {
+                if pos < st.durable {
+                    drop(st);
+                    done(Ok(()));
+                    return;
+                }
+                if st.inflight.is_some_and(|target| pos < target) {
+                    st.riders.push(done);
+                    return;
+                }
+            }
+        }
+        self.flush(done);
+    }
+
+    /// Async form of [`Wal::flush_upto`].
+    pub async fn sync_upto(&self, pos: WalPos) -> Result<(), WalError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.flush_upto(
+            pos,
+            Box::new(move |result| {
+                let _ = tx.send(result);
+            }),
+        );
+        rx.await.unwrap_or(Err(WalError::Closed))
     }
 
     /// Async form of [`Wal::flush`].
@@ -1623,6 +1671,64 @@ mod tests {
         drop(wal);
         let seen = replay_all(opts(tmp.path())).unwrap();
         assert_eq!(seen, vec![(pos, b"hello".to_vec())]);
+    }
+
+    /// `flush_upto` completes only once its position is durable, at once (without a round) when
+    /// it already is, and never hangs, also while other threads append and flush around it.
+    #[test]
+    fn flush_upto_waits_for_its_position_and_no_longer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (wal, _) = open_collect(opts(tmp.path())).unwrap();
+        let wal = Arc::new(wal);
+        let pos = wal.append(&[b"first"]).unwrap()[0];
+        block_on(wal.sync_upto(pos)).unwrap();
+        assert!(wal.is_durable(pos));
+        let before = wal.stats();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = Arc::clone(&done);
+        wal.flush_upto(
+            pos,
+            Box::new(move |r| {
+                r.unwrap();
+                flag.store(true, Ordering::SeqCst);
+            }),
+        );
+        assert!(
+            done.load(Ordering::SeqCst),
+            "already durable: answered at once"
+        );
+        assert_eq!(
+            wal.stats().flush_requests,
+            before.flush_requests,
+            "no round asked"
+        );
+
+        let (tx, rx) = std::sync::mpsc::channel();
+        for t in 0..4u8 {
+            let (wal, tx) = (Arc::clone(&wal), tx.clone());
+            thread::spawn(move || {
+                for i in 0..200u32 {
+                    let pos = wal.append(&[&[t; 40]]).unwrap()[0];
+                    if i % 3 == 0 {
+                        // Some plain flushes, so rounds are often in flight.
+                        wal.flush(Box::new(|_| {}));
+                    }
+                    block_on(wal.sync_upto(pos)).unwrap();
+                    assert!(wal.is_durable(pos), "completed before {pos} was durable");
+                }
+                tx.send(()).unwrap();
+            });
+        }
+        for _ in 0..4 {
+            rx.recv_timeout(Duration::from_secs(60))
+                .expect("a flush_upto never completed (or its thread panicked)");
+        }
+        let s = wal.stats();
+        eprintln!(
+            "flush_upto: {} flush requests, {} rounds",
+            s.flush_requests - before.flush_requests,
+            s.flush_rounds - before.flush_rounds
+        );
     }
 
     #[test]

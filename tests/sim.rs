@@ -592,7 +592,7 @@ impl World {
                 id,
                 self.raft_cfg.clone(),
                 net,
-                node.logs.shard(shard),
+                node.logs.shard(shard).leading_as(id),
                 StateMachine::new(data.clone(), node.logs.clone()),
             )
             .await

@@ -5,14 +5,38 @@
 //! log, so one fsync (group commit) makes many shards' appends durable at once.
 //!
 //! Promises:
-//! - `save_vote` returns only once the vote is on disk; `append` reports completion to openraft
-//!   only after the fsync that covers it. Because the WAL is sequential, a record that survives a
-//!   crash implies every record before it survived too.
+//! - `save_vote` returns only once the vote is on disk; on a follower, `append` reports
+//!   completion to openraft only after the fsync that covers it. Because the WAL is sequential,
+//!   a record that survives a crash implies every record before it survived too.
+//! - On a shard's leader (a [`ShardLog`] made with [`ShardLog::leading_as`], whose vote is its
+//!   own committed one), `append` reports completion at once and the fsync follows.
 //! - Memory is bounded: positions of live entries are indexed, but only the newest
 //!   [`CACHED_ENTRIES`] per shard are kept decoded; older ones are read back from the WAL.
 //! - Segment files are removed once every shard has purged the entries in them; before that, a
 //!   checkpoint record per shard restates its vote, committed and purged ids, so removal never
 //!   loses them.
+//!
+//! # Why a leader reports its own append early
+//!
+//! openraft 0.9's core waits for `append` to complete before it sends the entries to the
+//! followers, so a leader that waited for its fsync would put its disk and theirs in series (a
+//! single-client write: 0.14 ms of leader fsync, then the followers' round trip with theirs).
+//! Raft allows the leader's write to overlap replication (the Raft thesis, §10.2.1) provided
+//! nothing *acts* on an entry before a majority holds it durably. Reporting early lets openraft
+//! count the leader in the quorum that commits an entry before the leader's copy is durable, so
+//! every effect of that commit waits for it instead:
+//! - the leader applies an entry (and so answers its client, and serves reads of it) only once
+//!   its own copy is durable ([`crate::raft::state_machine`] waits for it);
+//! - followers are never told a commit index beyond the leader's durable log
+//!   ([`LogManager::durable_commit`], applied to every AppendEntries by the network layer), so
+//!   they cannot apply an entry that the leader might still lose;
+//! - the `Committed` record follows the entries in the WAL, so a commit index that survives a
+//!   crash implies the entries it covers did.
+//!
+//! If the leader loses power before its fsync, what it lost was neither applied anywhere nor
+//! acknowledged, so the entries are merely uncommitted ones that a later leader may overwrite.
+//! Followers keep the plain rule: their acknowledgement is what makes an entry durable on a
+//! majority.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
@@ -23,7 +47,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, RaftLogReader};
 use serde::{Deserialize, Serialize};
 
-use super::{storage_err, Entry, LogId, ShardId, StorageError, TypeConfig, Vote};
+use super::{storage_err, Entry, LogId, NodeId, ShardId, StorageError, TypeConfig, Vote};
 use crate::wal::{Wal, WalError, WalOptions, WalPos};
 
 /// Decoded entries kept in memory per shard; older ones are re-read from disk on demand.
@@ -177,6 +201,7 @@ impl LogManager {
             shard,
             state,
             mgr: self.clone(),
+            me: None,
         }
     }
 
@@ -250,6 +275,42 @@ impl LogManager {
         self.wal.is_durable(pos)
     }
 
+    /// The commit index a leader may tell its followers: `committed` if this node holds that
+    /// entry durably, else the last entry before it that it does (purged entries are durable:
+    /// they were applied first). See the module docs for why followers must not learn more.
+    pub fn durable_commit(&self, shard: ShardId, committed: Option<LogId>) -> Option<LogId> {
+        let committed = committed?;
+        let state = lock(&self.shards).get(&shard).cloned()?;
+        let s = lock(&state);
+        for (_, slot) in s.entries.range(..=committed.index).rev() {
+            if self.wal.is_durable(slot.pos) {
+                // Entries up to `committed` in this log are the committed ones, and a durable
+                // one's predecessors are durable too.
+                return Some(if slot.log_id.index == committed.index {
+                    committed
+                } else {
+                    slot.log_id
+                });
+            }
+        }
+        s.last_purged.filter(|p| p.index <= committed.index)
+    }
+
+    /// Waits until `shard`'s entry `log_id` (and everything logged before it) is durable,
+    /// riding on a flush already under way when there is one.
+    pub async fn sync_entry(&self, shard: ShardId, log_id: LogId) -> Result<(), WalError> {
+        let pos = lock(&self.shards).get(&shard).cloned().and_then(|state| {
+            match lock(&state).entries.get(&log_id.index) {
+                Some(slot) if slot.log_id == log_id => Some(slot.pos),
+                _ => None,
+            }
+        });
+        match pos {
+            Some(pos) => self.wal.sync_upto(pos).await,
+            None => self.wal.sync().await,
+        }
+    }
+
     /// Removes WAL segments no shard needs any more.
     async fn gc(&self) -> Result<(), WalError> {
         let shards: Vec<(ShardId, Arc<Mutex<ShardState>>)> = lock(&self.shards)
@@ -300,6 +361,29 @@ pub struct ShardLog {
     shard: ShardId,
     state: Arc<Mutex<ShardState>>,
     mgr: Arc<LogManager>,
+    /// This node, if appends made while it leads may be reported before their fsync.
+    me: Option<NodeId>,
+}
+
+impl ShardLog {
+    /// Lets appends made while `me` leads the shard report completion before their fsync (module
+    /// docs). Only for a node whose network layer clamps commit indexes with
+    /// [`LogManager::durable_commit`] and whose state machine waits for durability to apply.
+    pub fn leading_as(mut self, me: NodeId) -> Self {
+        self.me = Some(me);
+        self
+    }
+
+    /// Whether the stored vote is `me`'s own committed one: entries appended now are its own
+    /// as leader (a follower stores its leader's vote before appending what it sends).
+    fn leading(&self) -> bool {
+        let Some(me) = self.me else {
+            return false;
+        };
+        lock(&self.state)
+            .vote
+            .is_some_and(|v| v.is_committed() && v.leader_id().voted_for() == Some(me))
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -322,7 +406,10 @@ fn read_err(e: impl std::fmt::Display) -> StorageError {
 
 impl ShardLog {
     /// Buffers entries in the WAL and the index; durable only after the next WAL flush.
-    fn append_entries(&self, entries: impl IntoIterator<Item = Entry>) -> Result<(), StorageError> {
+    pub(crate) fn append_entries(
+        &self,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<(), StorageError> {
         let mut encoded = Vec::new();
         for entry in entries {
             let rec = Record::Entry {
@@ -442,9 +529,17 @@ impl RaftLogStorage<TypeConfig> for ShardLog {
         I::IntoIter: Send,
     {
         self.append_entries(entries)?;
-        self.mgr.wal.flush(Box::new(move |r| {
-            callback.log_io_completed(r.map_err(|e| std::io::Error::other(e.to_string())))
-        }));
+        if self.leading() {
+            // Reported before the fsync: see "Why a leader reports its own append early".
+            callback.log_io_completed(Ok(()));
+            // The round that makes them durable; a failure poisons the WAL, and whoever waits
+            // for these entries (the state machine) gets the error.
+            self.mgr.wal.flush(Box::new(|_| {}));
+        } else {
+            self.mgr.wal.flush(Box::new(move |r| {
+                callback.log_io_completed(r.map_err(|e| std::io::Error::other(e.to_string())))
+            }));
+        }
         Ok(())
     }
 
@@ -523,6 +618,47 @@ mod tests {
         assert!(!mgr.is_durable(0, entry(9).log_id), "no such entry");
         mgr.wal().sync().await.unwrap();
         assert!(mgr.is_durable(0, entry(3).log_id));
+    }
+
+    /// Followers are told no commit index beyond what the leader holds durably: the committed
+    /// entry if it is durable, else the last durable one before it, else the purge mark.
+    #[tokio::test]
+    async fn followers_learn_only_a_durable_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = LogManager::open(opts(dir.path())).unwrap();
+        let id = |i| entry(i).log_id;
+        // A shard rebuilt from a snapshot up to 10 (its entries up to there are purged).
+        mgr.seed(0, None, id(10)).await.unwrap();
+        let log = mgr.shard(0);
+        log.append_entries([entry(11), entry(12)]).unwrap();
+        assert_eq!(mgr.durable_commit(0, Some(id(12))), Some(id(10)));
+        assert_eq!(mgr.durable_commit(0, None), None);
+        mgr.wal().sync().await.unwrap();
+        assert_eq!(mgr.durable_commit(0, Some(id(12))), Some(id(12)));
+        log.append_entries([entry(13), entry(14)]).unwrap();
+        assert_eq!(mgr.durable_commit(0, Some(id(14))), Some(id(12)));
+        assert_eq!(mgr.durable_commit(0, Some(id(11))), Some(id(11)));
+        assert_eq!(mgr.durable_commit(1, Some(id(14))), None, "no such shard");
+        mgr.sync_entry(0, id(14)).await.unwrap();
+        assert_eq!(mgr.durable_commit(0, Some(id(14))), Some(id(14)));
+    }
+
+    /// Only appends made under this node's own committed vote may be reported before the fsync.
+    #[tokio::test]
+    async fn a_log_leads_only_under_its_own_committed_vote() {
+        let dir = tempfile::tempdir().unwrap();
+        let mgr = LogManager::open(opts(dir.path())).unwrap();
+        let mut plain = mgr.shard(0);
+        let mut mine = mgr.shard(1).leading_as(1);
+        assert!(!mine.leading(), "no vote yet");
+        mine.save_vote(&Vote::new(3, 1)).await.unwrap();
+        assert!(!mine.leading(), "a candidate's vote is not a leader's");
+        mine.save_vote(&Vote::new_committed(4, 2)).await.unwrap();
+        assert!(!mine.leading(), "following node 2");
+        mine.save_vote(&Vote::new_committed(5, 1)).await.unwrap();
+        assert!(mine.leading());
+        plain.save_vote(&Vote::new_committed(5, 1)).await.unwrap();
+        assert!(!plain.leading(), "not made with leading_as");
     }
 
     /// Several shards interleaved in one WAL: after purges, old segments go away, yet votes,

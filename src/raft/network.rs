@@ -21,6 +21,7 @@ use openraft::{BasicNode, Snapshot};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::log_store::LogManager;
 use super::{NodeId, ShardId, TypeConfig, Vote};
 use crate::lease::LeaderLease;
 use crate::pb::{RaftKind, RaftRequest};
@@ -36,6 +37,8 @@ pub struct ShardNetwork {
     pub peers: Arc<Peers>,
     /// Told which AppendEntries requests the peers accepted, and when they were sent.
     pub lease: Arc<LeaderLease>,
+    /// This node's log: followers are told no commit index beyond what it holds durably.
+    pub logs: Arc<LogManager>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for ShardNetwork {
@@ -128,9 +131,15 @@ impl PeerLink {
 impl RaftNetwork<TypeConfig> for PeerLink {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        // This leader reports its own appends before their fsync (see crate::raft::log_store):
+        // a follower must not apply what the leader might still lose.
+        rpc.leader_commit = self
+            .net
+            .logs
+            .durable_commit(self.net.shard, rpc.leader_commit);
         let sent = tokio::time::Instant::now();
         match self.call(RaftKind::Append, &rpc, option.hard_ttl()).await {
             Ok(Ok(resp)) => {

@@ -183,11 +183,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // wait for; otherwise wait for the WAL (group commit: a flush is usually under way).
         let last = entries.last().map(|e| e.log_id);
         if !last.is_some_and(|l| self.logs.is_durable(self.data.shard, l)) {
-            self.logs
-                .wal()
-                .sync()
-                .await
-                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            if let Some(last) = last {
+                self.logs
+                    .sync_entry(self.data.shard, last)
+                    .await
+                    .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+            }
         }
         let results = self
             .data
@@ -277,6 +278,31 @@ mod tests {
         let db = StateDb::open(&dir.path().join("state")).expect("sled");
         let data = db.shard(0).expect("shard");
         (dir, logs, data)
+    }
+
+    /// A leader reports its appends before their fsync, so applying an entry must first make it
+    /// durable: sled may persist what is applied at any moment, and a client is answered once
+    /// its write is applied.
+    #[tokio::test]
+    async fn apply_makes_the_entries_durable_first() {
+        let (_dir, logs, data) = store();
+        let entries: Vec<Entry> = (1..=3)
+            .map(|i| Entry {
+                log_id: log_id(i),
+                payload: EntryPayload::Normal(Command::Put {
+                    key: format!("k{i}").into_bytes(),
+                    value: b"v".to_vec(),
+                }),
+            })
+            .collect();
+        logs.shard(0)
+            .append_entries(entries.clone())
+            .expect("append");
+        assert!(!logs.is_durable(0, log_id(3)), "appended, not flushed");
+        let mut sm = StateMachine::new(data.clone(), logs.clone());
+        sm.apply(entries).await.expect("apply");
+        assert!(logs.is_durable(0, log_id(3)), "applied before durable");
+        assert_eq!(data.get(b"k3").expect("get").as_deref(), Some(&b"v"[..]));
     }
 
     /// A crash in the middle of `apply` leaves the tree ahead of its applied record. Until replay
