@@ -915,8 +915,8 @@ impl Wal {
         }
     }
 
-    /// Calls `done` once every record that starts before `pos` is durable, or with the error
-    /// that prevented it. Unlike [`Wal::flush`] it asks for no round of its own when it need not:
+    /// Calls `done` once the record at `pos` (and with it every record before) is durable, or with
+    /// the error that prevented it. Unlike [`Wal::flush`] it asks for no round of its own when it need not:
     /// at once if `pos` is already durable, at the end of the flusher's current round if that
     /// round covers `pos`, otherwise as [`Wal::flush`] does.
     pub fn flush_upto(&self, pos: WalPos, done: FlushCallback) {

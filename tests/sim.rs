@@ -592,6 +592,8 @@ impl World {
                 id,
                 self.raft_cfg.clone(),
                 net,
+                // As kvnode does. The commit-index clamp kvnode's network adds is a no-op here:
+                // this WAL flushes inline, so a leader's entries are durable once appended.
                 node.logs.shard(shard).leading_as(id),
                 StateMachine::new(data.clone(), node.logs.clone()),
             )

@@ -175,20 +175,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Normal(cmd) => push_ops(cmd, &mut ops),
             }
         }
-        // openraft lets a node apply committed entries before its own WAL has flushed them (a
-        // leader commits on a quorum that need not include itself). sled may persist what we
-        // apply at any moment, so the WAL must hold them durably first: sled's applied index
-        // must never be ahead of what this node's WAL holds durably (start-up checks rely on
-        // it). Usually the flush that covers them is already done: then there is nothing to
-        // wait for; otherwise wait for the WAL (group commit: a flush is usually under way).
+        // A node may be asked to apply committed entries before its own WAL has flushed them: a
+        // leader commits on a quorum that need not include itself, and it reports its own
+        // appends before their fsync (crate::raft::log_store). sled may persist what we apply at
+        // any moment, and applying is what answers the client and lets reads see the write, so
+        // the WAL must hold them durably first: sled's applied index must never be ahead of what
+        // this node's WAL holds durably (start-up checks rely on it). Usually the flush that
+        // covers them is done or under way: nothing to wait for, or wait for that one.
         let last = entries.last().map(|e| e.log_id);
-        if !last.is_some_and(|l| self.logs.is_durable(self.data.shard, l)) {
-            if let Some(last) = last {
-                self.logs
-                    .sync_entry(self.data.shard, last)
-                    .await
-                    .map_err(|e| sm_err(ErrorVerb::Write, e))?;
-            }
+        if let Some(last) = last.filter(|l| !self.logs.is_durable(self.data.shard, *l)) {
+            self.logs
+                .sync_entry(self.data.shard, last)
+                .await
+                .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         }
         let results = self
             .data
