@@ -5,7 +5,8 @@
 # temp dir, fsync on as shipped) and a 3-member etcd (shared/bench/etcd3.sh, fsync on as
 # shipped), then runs the same `kvctl bench` workloads against each, alternating targets run by
 # run so both see the same machine. Prints one side-by-side table with kvstore/etcd ratios, the
-# nodes' peak RSS under load and their idle CPU. Stops everything on exit.
+# nodes' peak RSS under load, their idle CPU, and the disk's synchronous-write latency on
+# either side of the single-client runs. Stops everything on exit.
 #
 # usage: bench/compare.sh            (about 8-10 minutes at the defaults)
 #        DURATION=5 WARMUP=1 bench/compare.sh
@@ -180,7 +181,17 @@ common=(--duration "$DURATION" --warmup "$WARMUP" --value-size 256)
 say "runs: ${DURATION}s measured after ${WARMUP}s warm-up each; results in $OUT"
 both write "${common[@]}" -w write --clients "$CLIENTS" --keys "$KEYS" --preload
 both read "${common[@]}" -w read --clients "$CLIENTS" --keys "$KEYS"
+# This disk's flush latency drifts for minutes at a time, and the single-client write follows it:
+# measure it on either side of those runs (4 KiB O_DSYNC writes, where the nodes keep their data).
+disk_probe() {
+  local out
+  out=$(LC_ALL=C dd if=/dev/zero of="$TMP/disk-probe" bs=4k count=500 oflag=dsync 2>&1 | tail -1)
+  rm -f "$TMP/disk-probe"
+  awk -v l="$out" 'BEGIN{ n=split(l, w, ", "); split(w[3], t, " "); if (t[1]+0 > 0) printf "%.3f", t[1]*1000/500; else printf "-" }'
+}
+DISK_BEFORE=$(disk_probe)
 both write1 "${common[@]}" -w write --clients 1 --keys "$KEYS"
+DISK_AFTER=$(disk_probe)
 both mixed "${common[@]}" -w mixed --clients "$CLIENTS" --keys "$KEYS"
 
 # The large key space: as large as BIG_KEYS, or what both can preload within PRELOAD_BUDGET.
@@ -248,6 +259,7 @@ for n in write read write1 mixed mixedbig; do
   printf '  %-9s kvstore %-10s etcd %s\n' "$n" "$(tr ' ' / <"$OUT/$n.kvstore.cpu" 2>/dev/null)" "$(tr ' ' / <"$OUT/$n.etcd.cpu" 2>/dev/null)"
 done
 echo "idle CPU over ${IDLE}s, per node (% of one core): kvstore $KV_IDLE; etcd $ETCD_IDLE"
+echo "disk: a 4 KiB O_DSYNC write took $DISK_BEFORE ms before the single-client runs, $DISK_AFTER ms after (mean of 500, dd)"
 
 echo
 echo "targets (kvstore):"
