@@ -115,6 +115,7 @@
 //! | `write:N` | the N-th write of records into a segment fails with an I/O error, writing nothing |
 //! | `crash_before_fsync:N` | the process aborts (`std::process::abort`) just before the N-th fsync |
 //! | `crash_after_write:N` | the process aborts right after the N-th write, before any fsync covers it |
+//! | `lose_unsynced:N` | right after the N-th write, the active segment is cut back to what is known durable (as a power loss may leave it), then the process aborts |
 //!
 //! Anything else refuses to open. The hook logs a warning at open, and aborts print one line
 //! on stderr first, so a fault injected by mistake is visible.
@@ -288,6 +289,7 @@ pub enum FaultKind {
     Write,
     CrashBeforeFsync,
     CrashAfterWrite,
+    LoseUnsynced,
 }
 
 /// A fault of the testing hook: `kind` hits the `nth` (from 1) sync or write after open.
@@ -298,12 +300,13 @@ pub struct Fault {
 }
 
 impl Fault {
-    /// Parses `fsync:N`, `write:N`, `crash_before_fsync:N` or `crash_after_write:N` (N >= 1).
+    /// Parses `fsync:N`, `write:N`, `crash_before_fsync:N`, `crash_after_write:N` or
+    /// `lose_unsynced:N` (N >= 1).
     pub fn parse(text: &str) -> Result<Fault, String> {
         let bad = || {
             format!(
-                "{ENV_FAULT}={text:?}: expected fsync:N, write:N, crash_before_fsync:N or \
-                 crash_after_write:N with N >= 1"
+                "{ENV_FAULT}={text:?}: expected fsync:N, write:N, crash_before_fsync:N, \
+                 crash_after_write:N or lose_unsynced:N with N >= 1"
             )
         };
         let (kind, n) = text.trim().split_once(':').ok_or_else(bad)?;
@@ -312,6 +315,7 @@ impl Fault {
             "write" => FaultKind::Write,
             "crash_before_fsync" => FaultKind::CrashBeforeFsync,
             "crash_after_write" => FaultKind::CrashAfterWrite,
+            "lose_unsynced" => FaultKind::LoseUnsynced,
             _ => return Err(bad()),
         };
         let nth: u64 = n.parse().map_err(|_| bad())?;
@@ -341,6 +345,7 @@ impl fmt::Display for Fault {
             FaultKind::Write => "write",
             FaultKind::CrashBeforeFsync => "crash_before_fsync",
             FaultKind::CrashAfterWrite => "crash_after_write",
+            FaultKind::LoseUnsynced => "lose_unsynced",
         };
         write!(f, "{kind}:{}", self.nth)
     }
@@ -439,6 +444,17 @@ impl Config {
             }
             _ => Ok(()),
         }
+    }
+
+    /// The `lose_unsynced:N` fault: whether the write just made is the N-th.
+    fn lose_unsynced_due(&self) -> bool {
+        let Some(fault) = self.fault else {
+            return false;
+        };
+        if fault.kind != FaultKind::LoseUnsynced || !self.fault_armed.load(Ordering::SeqCst) {
+            return false;
+        }
+        self.fault_writes.fetch_add(1, Ordering::SeqCst) + 1 == fault.nth
     }
 
     /// Makes file creations and removals in the WAL directory durable.
@@ -565,12 +581,38 @@ impl State {
             .write_all_at(buf, self.offset)
             .map_err(|e| io_err(&self.path, e))?;
         cfg.inject_write(&self.path, true)?;
+        if cfg.lose_unsynced_due() {
+            self.lose_unsynced(cfg, buf.len() as u64);
+        }
         self.offset += buf.len() as u64;
         if let Some(seg) = self.segments.get_mut(&self.segment) {
             seg.len = self.offset;
         }
         buf.clear();
         Ok(())
+    }
+
+    /// The `lose_unsynced:N` fault: cuts the active segment back to what is known durable (older
+    /// segments were synced when the next was started), as a power loss may leave it, and aborts.
+    /// Called with the state lock held, so no sync can be under way on the bytes just written.
+    fn lose_unsynced(&self, cfg: &Config, just_written: u64) -> ! {
+        let keep = if self.durable.segment == self.segment {
+            self.durable.offset
+        } else {
+            SEGMENT_HEADER_LEN
+        };
+        let end = self.offset + just_written;
+        let cut = self.file.set_len(keep);
+        eprintln!(
+            "kvnode: {ENV_FAULT}: cut {} back to {keep} bytes (dropping {} unsynced bytes): {cut:?}",
+            self.path.display(),
+            end.saturating_sub(keep)
+        );
+        let fault = cfg.fault.unwrap_or(Fault {
+            kind: FaultKind::LoseUnsynced,
+            nth: 1,
+        });
+        crash(fault, &self.path)
     }
 
     /// Starts the next segment. The old one is made durable first (module docs: rotation is a
@@ -2396,6 +2438,7 @@ mod tests {
             ("write:1", FaultKind::Write),
             ("crash_before_fsync:7", FaultKind::CrashBeforeFsync),
             (" crash_after_write:2 ", FaultKind::CrashAfterWrite),
+            ("lose_unsynced:4", FaultKind::LoseUnsynced),
         ] {
             let f = Fault::parse(text).unwrap();
             assert_eq!(f.kind, kind);

@@ -317,9 +317,9 @@ async fn wait_exit(c: &mut Cluster, i: usize, timeout: Duration) -> std::process
     }
 }
 
-/// The process-crash fault points of the WAL: abort just before an fsync, and right after a
-/// write that no fsync covers yet. The node is restarted without the fault and nothing
-/// acknowledged may be missing.
+/// The process-crash fault points of the WAL: abort just before an fsync, right after a write
+/// that no fsync covers yet, and (as a power loss may) after cutting the WAL back to what it knew
+/// was durable. The node is restarted without the fault and nothing acknowledged may be missing.
 #[test]
 fn crash_at_wal_fault_points_loses_no_acknowledged_write() {
     let seed = seed();
@@ -328,9 +328,10 @@ fn crash_at_wal_fault_points_loses_no_acknowledged_write() {
         let mut c = Cluster::start(NODES, CONFIG).await;
         let load = Load::start(&c, "f");
         load.wait_acked(30, Duration::from_secs(30)).await;
-        let kinds = ["crash_before_fsync", "crash_after_write"];
-        for round in 0..4 {
-            let (kind, victim) = (kinds[round % 2], rng.gen_range(0..NODES));
+        // lose_unsynced also cuts the WAL back to what was known durable, as a power loss may.
+        let kinds = ["crash_before_fsync", "crash_after_write", "lose_unsynced"];
+        for round in 0..6 {
+            let (kind, victim) = (kinds[round % 3], rng.gen_range(0..NODES));
             let fault = format!("{kind}:{}", rng.gen_range(5..60));
             println!("node {victim}: restarted with KV_WAL_FAULT={fault}");
             c.kill9(victim);
@@ -341,6 +342,12 @@ fn crash_at_wal_fault_points_loses_no_acknowledged_write() {
                 log.contains("aborting at the injected fault point"),
                 "node {victim} exited ({status:?}) but not at the fault point"
             );
+            if kind == "lose_unsynced" {
+                assert!(
+                    log.contains("unsynced bytes"),
+                    "the WAL was not cut back:\n{log}"
+                );
+            }
             println!(
                 "node {victim} aborted at {fault} ({status:?}) after {} acknowledged writes",
                 load.acked()
