@@ -1,7 +1,9 @@
 //! Jepsen-style chaos on real processes: concurrent clients on a few keys record every operation
 //! while a nemesis kill -9s nodes, pauses them (SIGSTOP), wipes a node's data dir before
-//! restarting it, and partitions the network (every node reaches every peer through a proxy that
-//! can cut the link). The history is then checked for linearizability.
+//! restarting it, partitions the network (every node reaches every peer through a proxy that
+//! can cut the link), and makes a node lose power: restarted with the WAL's `lose_unsynced`
+//! fault, it aborts a little later with its WAL cut back to what it knew was durable. The
+//! history is then checked for linearizability.
 //!
 //! `cargo test` runs a bounded run (`KV_CHAOS_SECS`, default 30 s); `scripts/chaos.sh` runs it for
 //! as long as asked and prints the figures.
@@ -27,6 +29,9 @@ struct Faults {
     pauses: u32,
     wipes: u32,
     partitions: u32,
+    /// Restarts with the WAL's `lose_unsynced` fault: the node aborts with its WAL cut back to
+    /// what it knew was durable, as after a power loss (only the ones that happened count).
+    power_losses: u32,
 }
 
 #[test]
@@ -135,7 +140,7 @@ async fn run(duration: Duration, seed: u64) {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(500..1500))).await;
         let victim = rng.gen_range(0..NODES);
         let hold = Duration::from_millis(rng.gen_range(300..2500));
-        match rng.gen_range(0..4) {
+        match rng.gen_range(0..5) {
             0 => {
                 faults.kills += 1;
                 println!(
@@ -168,6 +173,41 @@ async fn run(duration: Duration, seed: u64) {
                 c.spawn(victim);
                 // Let it rebuild before the next fault can take another replica.
                 tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            4 => {
+                // Small counts hit it as a follower catching up, large ones once the balancer has
+                // handed its shards back (3-8 s after a restart) and it leads again.
+                let n = rng.gen_range(200..15_000);
+                println!(
+                    "{:>6.1}s nemesis: node {victim} restarted to lose power after {n} WAL writes",
+                    start.elapsed().as_secs_f64()
+                );
+                c.kill9(victim);
+                let seen = c.log(victim).len();
+                let fault = format!("lose_unsynced:{n}");
+                c.spawn_env(victim, &[("KV_WAL_FAULT", fault.as_str())]);
+                let spawned = Instant::now();
+                let deadline = spawned + Duration::from_secs(20);
+                while c.is_running(victim) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // Ends it too if the fault did not come in time.
+                c.kill9(victim);
+                if c.log(victim)
+                    .get(seen..)
+                    .is_some_and(|l| l.contains("unsynced bytes"))
+                {
+                    faults.power_losses += 1;
+                    println!(
+                        "        (lost power {:?} after its restart)",
+                        spawned.elapsed()
+                    );
+                } else {
+                    faults.kills += 1;
+                    println!("        (no power loss within 20 s: killed instead)");
+                }
+                tokio::time::sleep(hold).await;
+                c.spawn(victim);
             }
             _ => {
                 faults.partitions += 1;
