@@ -13,7 +13,7 @@ total=${1:-600}
 round=${2:-60}
 cargo build --release --tests --bins -q || exit 2
 start=$(date +%s)
-rounds=0 failed=0 ops=0 unknown=0 violations=0 kills=0 pauses=0 wipes=0 partitions=0 power=0
+rounds=0 failed=0 ops=0 unknown=0 violations=0 kills=0 pauses=0 wipes=0 partitions=0 power=0 led=0
 log=$(mktemp -d)/chaos.log
 while [ $(( $(date +%s) - start )) -lt "$total" ]; do
   rounds=$((rounds + 1))
@@ -30,12 +30,13 @@ while [ $(( $(date +%s) - start )) -lt "$total" ]; do
   wipes=$((wipes + ${line:+$(num 'wipes')}+0))
   partitions=$((partitions + ${line:+$(num 'partitions')}+0))
   power=$((power + ${line:+$(num 'power_losses')}+0))
+  led=$((led + ${line:+$(num 'power_losses_leading')}+0))
   ops=$((ops + ${line:+$(num 'operations')}+0))
   unknown=$((unknown + $(sed -n 's/.*completed, \([0-9]*\) unknown.*/\1/p' <<<"$line" | head -1)+0))
   violations=$((violations + $(sed -n 's/.*violations \([0-9]*\).*/\1/p' <<<"$line" | head -1)+0))
 done
 echo
 echo "chaos totals over $(( $(date +%s) - start )) s: rounds $rounds (failed $failed)," \
-  "faults $((kills + pauses + wipes + partitions + power)) (kill -9 $kills, SIGSTOP $pauses, wipe $wipes, partition $partitions, power loss $power)," \
+  "faults $((kills + pauses + wipes + partitions + power)) (kill -9 $kills, SIGSTOP $pauses, wipe $wipes, partition $partitions, power loss $power, $led of them on a node that led a shard again)," \
   "operations $ops, unknown $unknown, violations $violations"
 [ "$failed" -eq 0 ]

@@ -32,6 +32,8 @@ struct Faults {
     /// Restarts with the WAL's `lose_unsynced` fault: the node aborts with its WAL cut back to
     /// what it knew was durable, as after a power loss (only the ones that happened count).
     power_losses: u32,
+    /// Of those, the ones that hit a node that had become a shard's leader again.
+    power_losses_leading: u32,
 }
 
 #[test]
@@ -193,13 +195,16 @@ async fn run(duration: Duration, seed: u64) {
                 }
                 // Ends it too if the fault did not come in time.
                 c.kill9(victim);
-                if c.log(victim)
-                    .get(seen..)
-                    .is_some_and(|l| l.contains("unsynced bytes"))
-                {
+                let log = c.log(victim);
+                let since = log.get(seen..).unwrap_or_default();
+                if since.contains("unsynced bytes") {
                     faults.power_losses += 1;
+                    let led = since.matches("became leader").count();
+                    if led > 0 {
+                        faults.power_losses_leading += 1;
+                    }
                     println!(
-                        "        (lost power {:?} after its restart)",
+                        "        (lost power {:?} after its restart, having become leader {led} times)",
                         spawned.elapsed()
                     );
                 } else {
