@@ -446,15 +446,13 @@ impl Config {
         }
     }
 
-    /// The `lose_unsynced:N` fault: whether the write just made is the N-th.
-    fn lose_unsynced_due(&self) -> bool {
-        let Some(fault) = self.fault else {
-            return false;
-        };
-        if fault.kind != FaultKind::LoseUnsynced || !self.fault_armed.load(Ordering::SeqCst) {
-            return false;
+    /// The `lose_unsynced:N` fault, if the write just made is the N-th.
+    fn lose_unsynced_due(&self) -> Option<Fault> {
+        let fault = self.fault.filter(|f| f.kind == FaultKind::LoseUnsynced)?;
+        if !self.fault_armed.load(Ordering::SeqCst) {
+            return None;
         }
-        self.fault_writes.fetch_add(1, Ordering::SeqCst) + 1 == fault.nth
+        (self.fault_writes.fetch_add(1, Ordering::SeqCst) + 1 == fault.nth).then_some(fault)
     }
 
     /// Makes file creations and removals in the WAL directory durable.
@@ -581,8 +579,8 @@ impl State {
             .write_all_at(buf, self.offset)
             .map_err(|e| io_err(&self.path, e))?;
         cfg.inject_write(&self.path, true)?;
-        if cfg.lose_unsynced_due() {
-            self.lose_unsynced(cfg, buf.len() as u64);
+        if let Some(fault) = cfg.lose_unsynced_due() {
+            self.lose_unsynced(fault, buf.len() as u64);
         }
         self.offset += buf.len() as u64;
         if let Some(seg) = self.segments.get_mut(&self.segment) {
@@ -595,7 +593,7 @@ impl State {
     /// The `lose_unsynced:N` fault: cuts the active segment back to what is known durable (older
     /// segments were synced when the next was started), as a power loss may leave it, and aborts.
     /// Called with the state lock held, so no sync can be under way on the bytes just written.
-    fn lose_unsynced(&self, cfg: &Config, just_written: u64) -> ! {
+    fn lose_unsynced(&self, fault: Fault, just_written: u64) -> ! {
         let keep = if self.durable.segment == self.segment {
             self.durable.offset
         } else {
@@ -608,10 +606,6 @@ impl State {
             self.path.display(),
             end.saturating_sub(keep)
         );
-        let fault = cfg.fault.unwrap_or(Fault {
-            kind: FaultKind::LoseUnsynced,
-            nth: 1,
-        });
         crash(fault, &self.path)
     }
 
@@ -740,6 +734,16 @@ fn run_flusher(shared: &Shared) {
             return;
         }
     }
+}
+
+/// Hands `start` a flush callback and waits for it to be called.
+async fn completion(start: impl FnOnce(FlushCallback)) -> Result<(), WalError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    start(Box::new(move |result| {
+        // The receiver may have been dropped (caller cancelled); nothing to do then.
+        let _ = tx.send(result);
+    }));
+    rx.await.unwrap_or(Err(WalError::Closed))
 }
 
 /// The node's write-ahead log. Cheap to share as `Arc<Wal>`; all methods take `&self`.
@@ -957,10 +961,10 @@ impl Wal {
         }
     }
 
-    /// Calls `done` once the record at `pos` (and with it every record before) is durable, or with
-    /// the error that prevented it. Unlike [`Wal::flush`] it asks for no round of its own when it need not:
-    /// at once if `pos` is already durable, at the end of the flusher's current round if that
-    /// round covers `pos`, otherwise as [`Wal::flush`] does.
+    /// Calls `done` once the record at `pos` (and with it every record before) is durable, or
+    /// with the error that prevented it. Unlike [`Wal::flush`] it asks for no round of its own
+    /// when it need not: at once if `pos` is already durable, at the end of the flusher's current
+    /// round if that round covers `pos`, otherwise as [`Wal::flush`] does.
     pub fn flush_upto(&self, pos: WalPos, done: FlushCallback) {
         if !self.shared.cfg.inline_flush {
             let mut st = self.shared.lock();
@@ -981,24 +985,12 @@ impl Wal {
 
     /// Async form of [`Wal::flush_upto`].
     pub async fn sync_upto(&self, pos: WalPos) -> Result<(), WalError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.flush_upto(
-            pos,
-            Box::new(move |result| {
-                let _ = tx.send(result);
-            }),
-        );
-        rx.await.unwrap_or(Err(WalError::Closed))
+        completion(|done| self.flush_upto(pos, done)).await
     }
 
     /// Async form of [`Wal::flush`].
     pub async fn sync(&self) -> Result<(), WalError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.flush(Box::new(move |result| {
-            // The receiver may have been dropped (caller cancelled); nothing to do then.
-            let _ = tx.send(result);
-        }));
-        rx.await.unwrap_or(Err(WalError::Closed))
+        completion(|done| self.flush(done)).await
     }
 
     /// Reads back the payload of the record at `pos` (checksum verified).

@@ -265,14 +265,18 @@ impl LogManager {
     /// record logged before it (the WAL is sequential). `false` when not known: the flush that
     /// covers it has not completed, or the entry is not (or no longer) in the index.
     pub fn is_durable(&self, shard: ShardId, log_id: LogId) -> bool {
-        let Some(state) = lock(&self.shards).get(&shard).cloned() else {
-            return false;
-        };
-        let pos = match lock(&state).entries.get(&log_id.index) {
-            Some(slot) if slot.log_id == log_id => slot.pos,
-            _ => return false,
-        };
-        self.wal.is_durable(pos)
+        self.position(shard, log_id)
+            .is_some_and(|pos| self.wal.is_durable(pos))
+    }
+
+    /// Where `shard`'s entry `log_id` is in the WAL, if it is in the index.
+    fn position(&self, shard: ShardId, log_id: LogId) -> Option<WalPos> {
+        let state = lock(&self.shards).get(&shard).cloned()?;
+        let s = lock(&state);
+        s.entries
+            .get(&log_id.index)
+            .filter(|slot| slot.log_id == log_id)
+            .map(|slot| slot.pos)
     }
 
     /// The commit index a leader may tell its followers: `committed` if this node holds that
@@ -286,11 +290,7 @@ impl LogManager {
             if self.wal.is_durable(slot.pos) {
                 // Entries up to `committed` in this log are the committed ones, and a durable
                 // one's predecessors are durable too.
-                return Some(if slot.log_id.index == committed.index {
-                    committed
-                } else {
-                    slot.log_id
-                });
+                return Some(slot.log_id);
             }
         }
         s.last_purged.filter(|p| p.index <= committed.index)
@@ -299,13 +299,7 @@ impl LogManager {
     /// Waits until `shard`'s entry `log_id` (and everything logged before it) is durable,
     /// riding on a flush already under way when there is one.
     pub async fn sync_entry(&self, shard: ShardId, log_id: LogId) -> Result<(), WalError> {
-        let pos = lock(&self.shards).get(&shard).cloned().and_then(|state| {
-            match lock(&state).entries.get(&log_id.index) {
-                Some(slot) if slot.log_id == log_id => Some(slot.pos),
-                _ => None,
-            }
-        });
-        match pos {
+        match self.position(shard, log_id) {
             Some(pos) => self.wal.sync_upto(pos).await,
             None => self.wal.sync().await,
         }
