@@ -9,6 +9,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::config::Config;
 use crate::pb::cluster_client::ClusterClient;
 use crate::pb::key_value_client::KeyValueClient;
+use crate::raft::pipe::RaftPipe;
 use crate::raft::NodeId;
 
 /// Largest gRPC message we send or accept: a Raft batch of large values, or a recovery chunk.
@@ -22,6 +23,8 @@ pub struct Peer {
     pub id: NodeId,
     pub addr: String,
     channel: Channel,
+    /// Every shard's Raft messages to this peer, on one stream over `channel`.
+    raft: RaftPipe,
 }
 
 pub struct Peers {
@@ -53,6 +56,7 @@ impl Peers {
                 Peer {
                     id: n.id,
                     addr: n.addr.clone(),
+                    raft: RaftPipe::new(n.id, channel.clone()),
                     channel,
                 },
             );
@@ -66,6 +70,10 @@ impl Peers {
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE)
         })
+    }
+
+    pub fn raft(&self, id: NodeId) -> Option<&RaftPipe> {
+        self.map.get(&id).map(|p| &p.raft)
     }
 
     pub fn kv(&self, id: NodeId) -> Option<KeyValueClient<Channel>> {

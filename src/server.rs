@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::node::Node;
 use crate::pb;
+use crate::raft::pipe;
 use crate::raft::{NodeId, SnapshotData, SnapshotMeta, TypeConfig, Vote};
 use crate::recover;
 use crate::router::{
@@ -414,6 +415,32 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, Status> {
 }
 
 impl ClusterService {
+    /// One Raft message of a peer, from a unary `Raft` call or a `RaftStream`.
+    async fn handle_raft(&self, r: pb::RaftRequest) -> Result<pb::RaftReply, Status> {
+        let shard = self.shard(r.shard)?;
+        let payload = match decode_raft(r.kind, &r.payload)? {
+            RaftMessage::Append(rpc) => encode(&shard.raft.append_entries(rpc).await)?,
+            RaftMessage::Vote(rpc) => {
+                // Noted before openraft sees it: a vote request for a later term ends this node's
+                // leader lease (see crate::lease).
+                shard.lease.vote_requested(&rpc.vote);
+                if self.node.is_recovering(r.shard) {
+                    // Lost its disk, not caught up: a vote from it could elect a leader missing
+                    // committed entries. Refuse (always safe in Raft).
+                    let resp: Result<VoteResponse<NodeId>, openraft::error::RaftError<NodeId>> =
+                        Ok(crate::raft::refused_vote(&shard.raft, &rpc));
+                    encode(&resp)?
+                } else {
+                    encode(&shard.raft.vote(rpc).await)?
+                }
+            }
+        };
+        Ok(pb::RaftReply {
+            payload,
+            error: String::new(),
+        })
+    }
+
     fn shard(&self, id: u32) -> Result<Arc<crate::node::Shard>, Status> {
         self.node.shard(id).ok_or_else(|| {
             Status::not_found(format!("node {} does not serve shard {id}", self.node.id))
@@ -422,6 +449,10 @@ impl ClusterService {
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::RecoverChunk, Status>> + Send>>;
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::RaftStreamReply, Status>> + Send>>;
+
+/// Replies queued on a `RaftStream` before its handlers wait (HTTP/2 flow control is behind it).
+const RAFT_STREAM_REPLIES: usize = 1024;
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
@@ -449,29 +480,52 @@ impl pb::cluster_server::Cluster for ClusterService {
     }
 
     async fn raft(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        let r = req.into_inner();
-        let shard = self.shard(r.shard)?;
-        let payload = match decode_raft(r.kind, &r.payload)? {
-            RaftMessage::Append(rpc) => encode(&shard.raft.append_entries(rpc).await)?,
-            RaftMessage::Vote(rpc) => {
-                // Noted before openraft sees it: a vote request for a later term ends this node's
-                // leader lease (see crate::lease).
-                shard.lease.vote_requested(&rpc.vote);
-                if self.node.is_recovering(r.shard) {
-                    // Lost its disk, not caught up: a vote from it could elect a leader missing
-                    // committed entries. Refuse (always safe in Raft).
-                    let resp: Result<VoteResponse<NodeId>, openraft::error::RaftError<NodeId>> =
-                        Ok(crate::raft::refused_vote(&shard.raft, &rpc));
-                    encode(&resp)?
-                } else {
-                    encode(&shard.raft.vote(rpc).await)?
-                }
-            }
+        self.handle_raft(req.into_inner()).await.map(Response::new)
+    }
+
+    type RaftStreamStream = ReplyStream;
+
+    /// Serves a peer's [`crate::raft::pipe`]: each message in a task of its own, so one that
+    /// waits (an append waiting for its fsync) holds up none of the others; each reply carries
+    /// its request's id. Ends when the peer closes its side or this node stops serving (an open
+    /// stream would otherwise keep the server's graceful shutdown waiting).
+    async fn raft_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::RaftRequest>>,
+    ) -> Result<Response<Self::RaftStreamStream>, Status> {
+        let mut requests = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(RAFT_STREAM_REPLIES);
+        let service = ClusterService {
+            node: self.node.clone(),
         };
-        Ok(Response::new(pb::RaftReply {
-            payload,
-            error: String::new(),
-        }))
+        let mut stop = self.node.stop_signal();
+        if *stop.borrow() {
+            return Err(Status::unavailable(format!(
+                "node {} is stopping",
+                self.node.id
+            )));
+        }
+        tokio::spawn(async move {
+            let service = Arc::new(service);
+            loop {
+                let msg = tokio::select! {
+                    m = requests.message() => m,
+                    _ = stop.changed() => return,
+                };
+                // A transport error ends the stream like its end does: the peer reopens one.
+                let Ok(Some(msg)) = msg else { return };
+                let (service, tx) = (service.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let id = msg.id;
+                    let reply = pipe::reply_for(id, service.handle_raft(msg).await);
+                    // The peer stopped reading: nobody waits for this reply.
+                    let _ = tx.send(Ok(reply)).await;
+                });
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn offer_snapshot(

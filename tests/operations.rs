@@ -48,6 +48,7 @@ fn bad_input_is_rejected_and_the_node_stays_up() {
                     kind,
                     payload: vec![0xff; 17],
                     from: 1,
+                    id: 0,
                 })
                 .await;
             assert!(r.is_err(), "garbage raft message kind {kind} accepted");
@@ -58,9 +59,41 @@ fn bad_input_is_rejected_and_the_node_stays_up() {
                 kind: 1,
                 payload: vec![],
                 from: 1,
+                id: 0,
             })
             .await;
         assert!(r.is_err());
+        // The same on a peer's stream: each message is answered with its own error, by id, and
+        // the stream goes on serving.
+        let garbage: Vec<_> = [1, 2, 3, 99]
+            .into_iter()
+            .enumerate()
+            .map(|(i, kind)| kvstore::pb::RaftRequest {
+                shard: if kind == 3 { 9999 } else { 0 },
+                kind,
+                payload: vec![0xff; 17],
+                from: 1,
+                id: 100 + i as u64,
+            })
+            .collect();
+        let mut replies = raw
+            .raft_stream(tokio_stream::iter(garbage))
+            .await
+            .expect("raft stream opens")
+            .into_inner();
+        let mut ids = Vec::new();
+        for _ in 0..4 {
+            let r = tokio::time::timeout(Duration::from_secs(10), replies.message())
+                .await
+                .expect("a reply within 10 s")
+                .expect("stream intact")
+                .expect("a reply per message");
+            assert_ne!(r.code, 0, "garbage message {} accepted: {r:?}", r.id);
+            assert!(r.reply.is_none());
+            ids.push(r.id);
+        }
+        ids.sort();
+        assert_eq!(ids, vec![100, 101, 102, 103]);
         client
             .put(b"still", b"alive")
             .await

@@ -515,6 +515,7 @@ fn restarted_node_holds_its_vote_while_a_lease_may_run() {
                         kind: RaftKind::Vote as i32,
                         payload,
                         from: 0,
+                        id: 0,
                     })
                     .await
                     .expect("vote rpc")

@@ -19,6 +19,7 @@
 
 pub mod log_store;
 pub mod network;
+pub mod pipe;
 pub mod runtime;
 pub mod state_machine;
 

@@ -94,25 +94,32 @@ impl PeerLink {
         req: &Req,
         timeout: Duration,
     ) -> Result<Result<Resp, E>, CallError> {
-        let mut client = self
-            .net
-            .peers
-            .cluster(self.target)
-            .ok_or(CallError::UnknownPeer(self.target))?;
         let payload = bincode::serialize(req).map_err(|e| CallError::Decode(e.to_string()))?;
-        let mut request = tonic::Request::new(RaftRequest {
+        let request = RaftRequest {
             shard: self.net.shard,
             kind: kind as i32,
             payload,
             from: self.net.me,
-        });
-        request.set_timeout(timeout);
+            id: 0,
+        };
         let reply = if kind == RaftKind::Snapshot {
-            client.offer_snapshot(request).await?
+            // Answered only once the follower pulled and installed the snapshot: its own call.
+            let mut client = self
+                .net
+                .peers
+                .cluster(self.target)
+                .ok_or(CallError::UnknownPeer(self.target))?;
+            let mut request = tonic::Request::new(request);
+            request.set_timeout(timeout);
+            client.offer_snapshot(request).await?.into_inner()
         } else {
-            client.raft(request).await?
-        }
-        .into_inner();
+            let pipe = self
+                .net
+                .peers
+                .raft(self.target)
+                .ok_or(CallError::UnknownPeer(self.target))?;
+            pipe.call(request, timeout).await?
+        };
         if !reply.error.is_empty() {
             return Err(CallError::Decode(reply.error));
         }
