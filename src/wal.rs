@@ -80,6 +80,19 @@
 //! inside `append`, [`Wal::read`] can always `pread` from the file; there is no unwritten
 //! buffer to consult.
 //!
+//! # Zeros ahead of the tail
+//!
+//! An fdatasync after an append that grew the file must also commit the new file size: on ext4
+//! a journal commit, which made each flush of a small record about a quarter slower on this
+//! project's machine (300-byte records, write + fdatasync: 105-118 µs growing the file, 84-90 µs
+//! overwriting). So with `fsync` on, whenever a write reaches the end of the active segment's
+//! file, [`FILL_AHEAD`] (1 MiB) of zeros is written after it; the next fdatasync makes them and
+//! the new size durable once, and the flushes of the records written over them change no size.
+//! The zeros are never records (no record header is all zeros): open cuts them off the last
+//! segment like a torn tail (quietly, as they are all zeros), rotation cuts them off a segment
+//! before syncing it, so a non-last segment still ends at its last record, and a clean close
+//! cuts them too.
+//!
 //! # Failure handling (fsyncgate)
 //!
 //! After a failed write or fsync the kernel may have dropped dirty pages and a retried fsync
@@ -133,6 +146,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 
 use tracing::{debug, error, info, warn};
+
+/// Zeros written ahead of the active segment's tail (module docs: "Zeros ahead of the tail").
+const FILL_AHEAD: u64 = 1 << 20;
 
 /// Largest accepted payload. Also the sanity bound on lengths read back from disk.
 pub const MAX_RECORD: usize = 64 << 20;
@@ -479,6 +495,9 @@ struct State {
     path: PathBuf,
     /// Write offset in the active segment == where the next record goes.
     offset: u64,
+    /// The active segment's file length: `offset` plus the zeros written ahead of it (see
+    /// "Zeros ahead of the tail" in the module docs).
+    filled: u64,
     segments: BTreeMap<u64, Segment>,
     /// Everything before this position is known to be on stable storage.
     durable: WalPos,
@@ -583,6 +602,9 @@ impl State {
             self.lose_unsynced(fault, buf.len() as u64);
         }
         self.offset += buf.len() as u64;
+        if cfg.fsync && self.offset > self.filled {
+            self.fill_ahead()?;
+        }
         if let Some(seg) = self.segments.get_mut(&self.segment) {
             seg.len = self.offset;
         }
@@ -609,9 +631,39 @@ impl State {
         crash(fault, &self.path)
     }
 
+    /// Writes [`FILL_AHEAD`] bytes of zeros after the tail, so that the fdatasyncs of the
+    /// records written there need not change the file's size (module docs).
+    fn fill_ahead(&mut self) -> Result<(), WalError> {
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let end = self.offset + FILL_AHEAD;
+        let mut at = self.offset;
+        while at < end {
+            let n = (end - at).min(ZEROS.len() as u64) as usize;
+            self.file
+                .write_all_at(&ZEROS[..n], at)
+                .map_err(|e| io_err(&self.path, e))?;
+            at += n as u64;
+        }
+        self.filled = end;
+        Ok(())
+    }
+
+    /// Cuts the zeros after the last record of the active segment off its file.
+    fn trim_fill(&mut self) -> Result<(), WalError> {
+        if self.filled > self.offset {
+            self.file
+                .set_len(self.offset)
+                .map_err(|e| io_err(&self.path, e))?;
+            self.filled = self.offset;
+        }
+        Ok(())
+    }
+
     /// Starts the next segment. The old one is made durable first (module docs: rotation is a
-    /// durability barrier). This blocks appends for one fsync per `segment_bytes`.
+    /// durability barrier), and ends at its last record: damage anywhere in a non-last segment,
+    /// zeros included, is corruption. This blocks appends for one fsync per `segment_bytes`.
     fn rotate(&mut self, cfg: &Config) -> Result<(), WalError> {
+        self.trim_fill()?;
         cfg.sync_file(&self.file, &self.path)?;
         if self.dir_synced_gen < self.dir_gen {
             cfg.sync_dir()?;
@@ -632,6 +684,7 @@ impl State {
         self.file = file;
         self.path = path;
         self.offset = SEGMENT_HEADER_LEN;
+        self.filled = SEGMENT_HEADER_LEN;
         debug!(segment, "WAL rotated to a new segment");
         Ok(())
     }
@@ -852,6 +905,7 @@ impl Wal {
             file,
             path,
             offset,
+            filled: offset,
             segments,
             durable: next,
             dir_gen,
@@ -1119,6 +1173,7 @@ impl Wal {
             if let Err(e) = snapshot.and_then(|snap| self.shared.sync_round(snap)) {
                 error!(error = %e, "final WAL sync on close failed");
             }
+            self.trim_fill_on_close();
             return;
         }
         self.shared.lock().closing = true;
@@ -1138,6 +1193,18 @@ impl Wal {
             }
             if handle.join().is_err() {
                 error!("WAL flusher thread panicked");
+            }
+        }
+        self.trim_fill_on_close();
+    }
+
+    /// A closed WAL's last segment ends at its last record, as a clean stop leaves it. (Left
+    /// there, the zeros would only be cut off by the next open.)
+    fn trim_fill_on_close(&self) {
+        let mut st = self.shared.lock();
+        if st.failed.is_none() {
+            if let Err(e) = st.trim_fill() {
+                warn!(error = %e, "cannot trim the WAL's zero tail on close");
             }
         }
     }
@@ -1464,13 +1531,23 @@ impl OpenSegment {
                 format!("{reason}; cannot rule out intact records after it (scan budget spent)"),
             )),
             TailScan::NoIntactRecord => {
-                warn!(
-                    path = %self.path.display(),
-                    offset = at,
-                    dropped_bytes = self.len - at,
-                    %reason,
-                    "truncating torn tail of the WAL"
-                );
+                if at >= SEGMENT_HEADER_LEN && tail.iter().all(|&b| b == 0) {
+                    // The zeros written ahead of the tail (or blocks a crash left unwritten).
+                    debug!(
+                        path = %self.path.display(),
+                        offset = at,
+                        zero_bytes = self.len - at,
+                        "cutting the zeros after the WAL's last record"
+                    );
+                } else {
+                    warn!(
+                        path = %self.path.display(),
+                        offset = at,
+                        dropped_bytes = self.len - at,
+                        %reason,
+                        "truncating torn tail of the WAL"
+                    );
+                }
                 let keep = if at < SEGMENT_HEADER_LEN {
                     // Crash while creating the segment: start it over.
                     self.file.set_len(0).map_err(|e| io_err(&self.path, e))?;
@@ -1842,6 +1919,79 @@ mod tests {
         let seen = replay_all(opts(tmp.path())).unwrap();
         assert_eq!(seen, expected(&positions, 0..2));
         assert_eq!(file_len(&path), positions[2].offset);
+    }
+
+    #[test]
+    fn zeros_ahead_of_the_tail_keep_the_size_and_are_cut_on_open() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = seg_path(tmp.path(), 1);
+        let (wal, _) = open_collect(opts(tmp.path())).unwrap();
+        let first = wal.append(&[&payload(0)]).unwrap()[0];
+        flush_wait(&wal).unwrap();
+        let filled = wal.next_pos().offset + FILL_AHEAD;
+        assert_eq!(
+            file_len(&path),
+            filled,
+            "zeros written after the first record"
+        );
+        let mut positions = vec![first];
+        for i in 1..50 {
+            positions.push(wal.append(&[&payload(i)]).unwrap()[0]);
+            flush_wait(&wal).unwrap();
+            assert_eq!(
+                file_len(&path),
+                filled,
+                "record {i} changed the file's size"
+            );
+        }
+        let end = wal.next_pos();
+        // A crash: no close, the zeros stay.
+        std::mem::forget(wal);
+
+        let (wal, seen) = open_collect(opts(tmp.path())).unwrap();
+        assert_eq!(seen, expected(&positions, 0..50));
+        assert_eq!(file_len(&path), end.offset, "zeros cut on open");
+        assert_eq!(wal.append(&[b"after"]).unwrap()[0], end);
+        flush_wait(&wal).unwrap();
+        wal.close();
+        assert_eq!(
+            file_len(&path),
+            wal.next_pos().offset,
+            "a clean close cuts the zeros"
+        );
+    }
+
+    #[test]
+    fn rotation_cuts_the_zeros_off_the_segment_it_ends() {
+        let tmp = tempfile::tempdir().unwrap();
+        let small = WalOptions {
+            segment_bytes: 200,
+            ..opts(tmp.path())
+        };
+        let (wal, _) = open_collect(small.clone()).unwrap();
+        let positions: Vec<WalPos> = (0..30)
+            .map(|i| {
+                let p = wal.append(&[&payload(i)]).unwrap()[0];
+                flush_wait(&wal).unwrap();
+                p
+            })
+            .collect();
+        let last = wal.next_pos().segment;
+        assert!(last > 3, "expected several segments, got {last}");
+        std::mem::forget(wal);
+        // Every segment but the last ends at its last record: zeros there would be corruption.
+        for seg in 1..last {
+            let end = positions
+                .iter()
+                .zip(0..)
+                .filter(|(p, _)| p.segment == seg)
+                .map(|(p, i)| p.offset + RECORD_HEADER_LEN + payload(i).len() as u64)
+                .max()
+                .unwrap();
+            assert_eq!(file_len(&seg_path(tmp.path(), seg)), end, "segment {seg}");
+        }
+        let (_, seen) = open_collect(small).unwrap();
+        assert_eq!(seen, expected(&positions, 0..30));
     }
 
     #[test]
