@@ -91,7 +91,8 @@
 //! The zeros are never records (no record header is all zeros): open cuts them off the last
 //! segment like a torn tail (quietly, as they are all zeros), rotation cuts them off a segment
 //! before syncing it, so a non-last segment still ends at its last record, and a clean close
-//! cuts them too.
+//! cuts them too. The price: the log's bytes reach the disk twice (as zeros, then as records),
+//! and one flush per MiB of log carries the MiB of zeros.
 //!
 //! # Failure handling (fsyncgate)
 //!
