@@ -105,6 +105,24 @@ pub fn first_violation_time(history: &[Op]) -> Option<Duration> {
     Some(times[lo])
 }
 
+/// States the search of one key may explore before it gives up (and fails the check loudly).
+const SEARCH_BUDGET: usize = 50_000_000;
+
+/// A fixed pseudo-random 128-bit tag for op `i` (splitmix64, twice).
+fn zobrist_tag(i: u64) -> u128 {
+    let mix = |mut z: u64| {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    };
+    let a = mix(i.wrapping_mul(2).wrapping_add(0x9e37_79b9_7f4a_7c15));
+    let b = mix(i
+        .wrapping_mul(2)
+        .wrapping_add(1)
+        .wrapping_add(0x9e37_79b9_7f4a_7c15));
+    (u128::from(a) << 64) | u128::from(b)
+}
+
 /// Model state: the interned value, or None when absent.
 type State = Option<u32>;
 
@@ -196,9 +214,15 @@ fn check_register(ops: &[&Op]) -> bool {
         }
     };
 
-    let words = steps.len().div_ceil(64);
-    let mut linearized = vec![0u64; words];
-    let mut cache: HashSet<(Vec<u64>, State)> = HashSet::new();
+    // Lowe's cache holds (set of linearized ops, state) pairs already explored. The set is kept
+    // as a 128-bit Zobrist hash (the XOR of a random 128-bit tag per op) instead of a bitset: a
+    // bitset made each entry, and each step's copy of it, as long as the key's history (a 60-s
+    // chaos round once took 24 GB and was OOM-killed). Two different sets share a hash with
+    // probability 2^-128; even then the search would only skip a branch, which can report a
+    // violation that is not there, never hide one.
+    let tags: Vec<u128> = (0..steps.len() as u64).map(zobrist_tag).collect();
+    let mut linearized: u128 = 0;
+    let mut cache: HashSet<(u128, State)> = HashSet::new();
     let mut stack: Vec<(usize, State)> = Vec::new(); // (call event, state before)
     let mut state: State = None;
     let mut entry = next[head_sentinel];
@@ -211,9 +235,14 @@ fn check_register(ops: &[&Op]) -> bool {
         if entry != NIL && !events[entry].1 {
             let op = events[entry].2;
             if let Some(new_state) = apply(state, steps[op]) {
-                let mut lin = linearized.clone();
-                lin[op / 64] |= 1 << (op % 64);
-                if cache.insert((lin.clone(), new_state)) {
+                let lin = linearized ^ tags[op];
+                if cache.insert((lin, new_state)) {
+                    assert!(
+                        cache.len() <= SEARCH_BUDGET,
+                        "linearizability search gave up after {SEARCH_BUDGET} states on a key \
+                         with {} operations: undecided, not a pass",
+                        steps.len()
+                    );
                     stack.push((entry, state));
                     state = new_state;
                     linearized = lin;
@@ -231,7 +260,7 @@ fn check_register(ops: &[&Op]) -> bool {
         };
         let op = events[call].2;
         state = s;
-        linearized[op / 64] &= !(1 << (op % 64));
+        linearized ^= tags[op];
         unlift(&mut next, &mut prev, ret_of[op]);
         unlift(&mut next, &mut prev, call);
         entry = next[call];
