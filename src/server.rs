@@ -505,6 +505,11 @@ impl pb::cluster_server::Cluster for ClusterService {
                 self.node.id
             )));
         }
+        // As many messages in progress as unary calls could be on one connection; beyond that
+        // the stream is not read, and HTTP/2 flow control holds the peer back.
+        let permits = Arc::new(tokio::sync::Semaphore::new(
+            MAX_STREAMS_PER_CONNECTION as usize,
+        ));
         tokio::spawn(async move {
             let service = Arc::new(service);
             loop {
@@ -514,10 +519,14 @@ impl pb::cluster_server::Cluster for ClusterService {
                 };
                 // A transport error ends the stream like its end does: the peer reopens one.
                 let Ok(Some(msg)) = msg else { return };
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
                 let (service, tx) = (service.clone(), tx.clone());
                 tokio::spawn(async move {
                     let id = msg.id;
                     let reply = pipe::reply_for(id, service.handle_raft(msg).await);
+                    drop(permit);
                     // The peer stopped reading: nobody waits for this reply.
                     let _ = tx.send(Ok(reply)).await;
                 });
