@@ -283,3 +283,68 @@ fn wal_damage_in_the_middle_refuses_to_start() {
         );
     });
 }
+
+/// The fixtures' nodes die with the thread that started them, so a test process killed outright
+/// (no `Drop` runs) leaves no node behind.
+#[test]
+fn a_node_dies_with_the_thread_that_started_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = common::free_ports(3);
+    let config = dir.path().join("cluster.toml");
+    let nodes: String = ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("[[nodes]]\nid = {i}\naddr = \"127.0.0.1:{p}\"\n\n"))
+        .collect();
+    std::fs::write(&config, nodes).expect("write config");
+    let data = dir.path().join("node0");
+    // Not waited for in the thread on purpose: the thread must end with the node running; the
+    // test reaps it with waitpid at the end.
+    #[allow(clippy::zombie_processes)]
+    let pid = std::thread::spawn(move || {
+        let child = common::kvnode()
+            .args(["--id", "0", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn kvnode");
+        // Serving (it waits for its peers): alive until something kills it.
+        let addr = format!("127.0.0.1:{}", ports[0]);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "node never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.id()
+    })
+    .join()
+    .expect("starter thread");
+    // The starter thread has ended: the kernel kills the node (it stays a zombie, unreaped).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| s.rsplit(')').next().map(|r| r.trim().to_string()));
+        match state {
+            None => break,
+            Some(s) if s.starts_with('Z') || s.starts_with('X') => break,
+            Some(_) => {}
+        }
+        if std::time::Instant::now() > deadline {
+            // Do not leave it running if the mechanism failed.
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("node {pid} outlived the thread that started it");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Reap it.
+    unsafe {
+        libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
+    }
+}

@@ -1,5 +1,6 @@
 //! Shared fixtures for the process tests: a cluster of real `kvnode` processes on loopback with
-//! free ports and temporary data dirs. Every wait is bounded; every process is killed on drop.
+//! free ports and temporary data dirs. Every wait is bounded; every process is killed on drop,
+//! and dies with the test process if that is killed before it can drop anything ([`kvnode`]).
 #![allow(dead_code)]
 
 pub mod linearizability;
@@ -14,6 +15,26 @@ use kvstore::client::Client;
 
 pub const KVNODE: &str = env!("CARGO_BIN_EXE_kvnode");
 pub const KVCTL: &str = env!("CARGO_BIN_EXE_kvctl");
+
+/// A `kvnode` command whose process the kernel kills (SIGKILL) when the thread that started it
+/// ends: a test process killed outright (once, the OOM killer) runs no `Drop`, and its nodes
+/// would otherwise live on. Nodes are started only from test threads and tokio worker threads,
+/// which live until their test ends.
+pub fn kvnode() -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(KVNODE);
+    // SAFETY: the closure runs in the forked child before exec and only makes one system call,
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
 
 /// Free loopback ports (bound then released; the kernel does not hand them out again at once).
 pub fn free_ports(n: usize) -> Vec<u16> {
@@ -120,7 +141,7 @@ impl Cluster {
             .open(self.log_path(i))
             .expect("open log");
         let config = self.node_configs[i].as_ref().unwrap_or(&self.config);
-        let child = Command::new(KVNODE)
+        let child = kvnode()
             .args(["--id", &i.to_string(), "--config"])
             .arg(config)
             .arg("--data-dir")
@@ -299,7 +320,7 @@ pub fn kvctl_with(pre: &[&str], args: &[&str]) -> (i32, String, String) {
 
 /// Runs `kvnode` to completion (for start-up failures), bounded.
 pub fn kvnode_exit(args: &[&str], data_dir: &Path) -> (i32, String) {
-    let mut child = Command::new(KVNODE)
+    let mut child = kvnode()
         .args(args)
         .arg("--data-dir")
         .arg(data_dir)
