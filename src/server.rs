@@ -505,8 +505,9 @@ impl pb::cluster_server::Cluster for ClusterService {
                 self.node.id
             )));
         }
-        // As many messages in progress as unary calls could be on one connection; beyond that
-        // the stream is not read, and HTTP/2 flow control holds the peer back.
+        // As many messages in progress (handled, or with their reply waiting to be queued) as
+        // unary calls could be on one connection; beyond that the stream is not read, and HTTP/2
+        // flow control holds the peer back.
         let permits = Arc::new(tokio::sync::Semaphore::new(
             MAX_STREAMS_PER_CONNECTION as usize,
         ));
@@ -526,9 +527,11 @@ impl pb::cluster_server::Cluster for ClusterService {
                 tokio::spawn(async move {
                     let id = msg.id;
                     let reply = pipe::reply_for(id, service.handle_raft(msg).await);
-                    drop(permit);
                     // The peer stopped reading: nobody waits for this reply.
                     let _ = tx.send(Ok(reply)).await;
+                    // Held until the reply is queued: a peer that reads no replies gets no more
+                    // of its messages read either.
+                    drop(permit);
                 });
             }
         });
