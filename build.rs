@@ -7,7 +7,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     println!("cargo:rerun-if-changed=proto/kv.proto");
     println!("cargo:rerun-if-changed=proto/etcd_kv.proto");
-    tonic_build::configure().compile_protos(&["proto/kv.proto"], &["proto"])?;
+    // A rebuilt node's received pairs stay slices of the received buffer until sled copies them.
+    tonic_build::configure()
+        .bytes([".kv.v1.KvPair"])
+        .compile_protos(&["proto/kv.proto"], &["proto"])?;
     // Only ever a client of etcd.
     tonic_build::configure()
         .build_server(false)

@@ -89,7 +89,10 @@ pub fn stream(
             keys += 1;
             bytes += (key.len() + value.len()) as u64;
             batch_bytes += key.len() + value.len();
-            batch.push(KvPair { key, value });
+            batch.push(KvPair {
+                key: key.into(),
+                value: value.into(),
+            });
             if batch_bytes >= BATCH_BYTES || batch.len() >= BATCH_PAIRS {
                 batch_bytes = 0;
                 if !send(Part::Batch(KvBatch {
@@ -167,8 +170,7 @@ pub async fn pull(
             Some(Ok(RecoverChunk {
                 part: Some(Part::Batch(b)),
             })) => {
-                let pairs: Vec<(Vec<u8>, Vec<u8>)> =
-                    b.pairs.into_iter().map(|p| (p.key, p.value)).collect();
+                let pairs: Vec<_> = b.pairs.into_iter().map(|p| (p.key, p.value)).collect();
                 staging.put_batch(&pairs)?;
             }
             Some(Ok(RecoverChunk {
