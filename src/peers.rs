@@ -43,6 +43,13 @@ pub fn channel(addr: &str, connect_timeout: Duration) -> Result<Channel, tonic::
         .connect_lazy())
 }
 
+/// A `kv.v1.Cluster` client over `channel`, with the peers' message size limits.
+pub fn cluster_client(channel: Channel) -> ClusterClient<Channel> {
+    ClusterClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
 impl Peers {
     pub fn new(config: &Config, me: NodeId) -> Result<Peers, tonic::transport::Error> {
         let mut map = BTreeMap::new();
@@ -65,11 +72,7 @@ impl Peers {
     }
 
     pub fn cluster(&self, id: NodeId) -> Option<ClusterClient<Channel>> {
-        self.map.get(&id).map(|p| {
-            ClusterClient::new(p.channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE)
-        })
+        self.map.get(&id).map(|p| cluster_client(p.channel.clone()))
     }
 
     pub fn raft(&self, id: NodeId) -> Option<&RaftPipe> {

@@ -357,8 +357,7 @@ impl Staging {
             self.keys += 1;
             self.bytes += (k.len() + v.len()) as u64;
             key.clear();
-            key.extend_from_slice(DATA_PREFIX);
-            key.extend_from_slice(k);
+            push_data_key(&mut key, k);
             self.tree.insert(key.as_slice(), v)?;
         }
         Ok(())
@@ -367,9 +366,14 @@ impl Staging {
 
 fn data_key(k: &[u8]) -> Vec<u8> {
     let mut v = Vec::with_capacity(DATA_PREFIX.len() + k.len());
-    v.extend_from_slice(DATA_PREFIX);
-    v.extend_from_slice(k);
+    push_data_key(&mut v, k);
     v
+}
+
+/// Appends the tree key under which user key `k` is stored.
+fn push_data_key(buf: &mut Vec<u8>, k: &[u8]) {
+    buf.extend_from_slice(DATA_PREFIX);
+    buf.extend_from_slice(k);
 }
 
 fn tree_name(shard: ShardId, gen: u64) -> String {

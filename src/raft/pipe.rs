@@ -29,7 +29,7 @@ use tonic::{Code, Status, Streaming};
 
 use crate::pb::cluster_client::ClusterClient;
 use crate::pb::{RaftReply, RaftRequest, RaftStreamReply};
-use crate::peers::MAX_MESSAGE;
+use crate::peers::cluster_client;
 use crate::raft::NodeId;
 
 /// Larger messages go as unary calls (see the module docs).
@@ -111,9 +111,11 @@ impl RaftPipe {
     }
 
     fn client(&self) -> ClusterClient<Channel> {
-        ClusterClient::new(self.channel.clone())
-            .max_decoding_message_size(MAX_MESSAGE)
-            .max_encoding_message_size(MAX_MESSAGE)
+        cluster_client(self.channel.clone())
+    }
+
+    fn closed(&self) -> String {
+        format!("the raft stream to node {} closed", self.target)
     }
 
     /// Sends `req` and waits at most `timeout` for the peer's reply.
@@ -150,14 +152,11 @@ impl RaftPipe {
         };
         if tx.send(req).await.is_err() {
             // The request stream's receiver is gone: hyper dropped the stream.
-            waiting.fail_all(format!("the raft stream to node {} closed", self.target));
+            waiting.fail_all(self.closed());
         }
-        reply.await.unwrap_or_else(|_| {
-            Err(Status::unavailable(format!(
-                "the raft stream to node {} closed",
-                self.target
-            )))
-        })
+        reply
+            .await
+            .unwrap_or_else(|_| Err(Status::unavailable(self.closed())))
     }
 
     /// The open stream, opening one if there is none or the last one broke.
