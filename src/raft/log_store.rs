@@ -37,6 +37,16 @@
 //! acknowledged, so the entries are merely uncommitted ones that a later leader may overwrite.
 //! Followers keep the plain rule: their acknowledgement is what makes an entry durable on a
 //! majority.
+//!
+//! That later leader must not be the same one in the same term. openraft restores a node whose
+//! stored vote is its own committed one as leader of that term straight away; after a power
+//! loss its log may end before entries it had already sent, and it would write new, different
+//! entries under the same log ids. Followers holding the old ones take a matching log id for a
+//! matching entry and keep them (Raft's log matching property broken): found by
+//! `tests/crash.rs`, a follower that never applied acknowledged writes. So a node's own log
+//! ([`ShardLog::leading_as`]) reads back its own committed vote as the uncommitted vote of the
+//! same term: the node starts as a follower, still bound by the vote it cast, and leads again
+//! only by winning a later term, whose entries conflict with the lost ones and replace them.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Debug;
@@ -363,7 +373,17 @@ impl ShardLog {
     /// Lets appends made while `me` leads the shard report completion before their fsync (module
     /// docs). Only for a node whose network layer clamps commit indexes with
     /// [`LogManager::durable_commit`] and whose state machine waits for durability to apply.
+    ///
+    /// Made when the shard's Raft group starts: a stored vote that is `me`'s own committed one
+    /// is read back uncommitted, so the group does not resume leading the term whose unsynced
+    /// entries a power loss may have cut off (module docs).
     pub fn leading_as(mut self, me: NodeId) -> Self {
+        {
+            let mut s = lock(&self.state);
+            if let Some(v) = s.vote.filter(|v| own_committed(v, me)) {
+                s.vote = Some(Vote::new(v.leader_id().term, me));
+            }
+        }
         self.me = Some(me);
         self
     }
@@ -376,8 +396,13 @@ impl ShardLog {
         };
         lock(&self.state)
             .vote
-            .is_some_and(|v| v.is_committed() && v.leader_id().voted_for() == Some(me))
+            .is_some_and(|v| own_committed(&v, me))
     }
+}
+
+/// Whether `vote` is `me`'s own as an elected leader.
+fn own_committed(vote: &Vote, me: NodeId) -> bool {
+    vote.is_committed() && vote.leader_id().voted_for() == Some(me)
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -653,6 +678,56 @@ mod tests {
         assert!(mine.leading());
         plain.save_vote(&Vote::new_committed(5, 1)).await.unwrap();
         assert!(!plain.leading(), "not made with leading_as");
+    }
+
+    /// A leader's own committed vote comes back from disk uncommitted (same term, same
+    /// candidate), so a restarted leader must win a later term before it leads again; anyone
+    /// else's committed vote, and the vote as other readers see it, come back as stored.
+    #[tokio::test]
+    async fn a_restarted_leader_reads_its_own_vote_back_uncommitted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mgr = LogManager::open(opts(dir.path())).unwrap();
+            let mut mine = mgr.shard(0).leading_as(1);
+            mine.save_vote(&Vote::new_committed(7, 1)).await.unwrap();
+            mine.append_entries(vec![entry(1)]).unwrap();
+            assert!(mine.leading());
+            mgr.shard(1)
+                .leading_as(1)
+                .save_vote(&Vote::new_committed(4, 2))
+                .await
+                .unwrap();
+            mgr.wal().close();
+        }
+        let mgr = LogManager::open(opts(dir.path())).unwrap();
+        let mut mine = mgr.shard(0).leading_as(1);
+        assert_eq!(mine.read_vote().await.unwrap(), Some(Vote::new(7, 1)));
+        assert!(!mine.leading(), "leads only after winning a later term");
+        assert_eq!(
+            mine.get_log_state().await.unwrap().last_log_id,
+            Some(entry(1).log_id)
+        );
+        mine.save_vote(&Vote::new_committed(8, 1)).await.unwrap();
+        assert!(mine.leading());
+        let mut following = mgr.shard(1).leading_as(1);
+        assert_eq!(
+            following.read_vote().await.unwrap(),
+            Some(Vote::new_committed(4, 2))
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mgr = LogManager::open(opts(dir.path())).unwrap();
+            let mut log = mgr.shard(0).leading_as(1);
+            log.save_vote(&Vote::new_committed(7, 1)).await.unwrap();
+            mgr.wal().close();
+        }
+        let mgr = LogManager::open(opts(dir.path())).unwrap();
+        assert_eq!(
+            mgr.shard(0).read_vote().await.unwrap(),
+            Some(Vote::new_committed(7, 1)),
+            "stored as it was; only the leader's own Raft group reads it demoted"
+        );
     }
 
     /// Several shards interleaved in one WAL: after purges, old segments go away, yet votes,
