@@ -513,6 +513,8 @@ struct State {
     /// Callbacks of [`Wal::flush_upto`] whose position the current round covers: called when it
     /// ends, without a round of their own.
     riders: Vec<FlushCallback>,
+    /// Inline flushing only: flushes wait in `pending` for [`Wal::run_deferred_flushes`].
+    defer: bool,
     closing: bool,
     failed: Option<String>,
     scratch: Vec<u8>,
@@ -914,6 +916,7 @@ impl Wal {
             pending: Vec::new(),
             inflight: None,
             riders: Vec::new(),
+            defer: false,
             closing: false,
             failed: None,
             scratch: Vec::new(),
@@ -994,7 +997,11 @@ impl Wal {
             .fetch_add(1, Ordering::Relaxed);
         if self.shared.cfg.inline_flush {
             let snapshot = {
-                let st = self.shared.lock();
+                let mut st = self.shared.lock();
+                if st.defer && st.check_usable().is_ok() {
+                    st.pending.push(done);
+                    return;
+                }
                 st.check_usable().and_then(|()| st.sync_snapshot())
             };
             done(snapshot.and_then(|snap| self.shared.sync_round(snap)));
@@ -1036,6 +1043,61 @@ impl Wal {
             }
         }
         self.flush(done);
+    }
+
+    /// For a deterministic simulation, which runs a whole cluster on one thread (inline
+    /// flushing only): from now on a flush waits until [`Wal::run_deferred_flushes`] runs it,
+    /// the way a flusher thread's fsync takes time, so records can be written and not yet
+    /// durable, and [`Wal::lose_power`] can lose them.
+    pub fn defer_flushes(&self) {
+        if self.shared.cfg.inline_flush {
+            self.shared.lock().defer = true;
+        }
+    }
+
+    /// Runs the flushes [`Wal::defer_flushes`] held back: one round for all of them.
+    pub fn run_deferred_flushes(&self) {
+        let (batch, snapshot) = {
+            let mut st = self.shared.lock();
+            if st.pending.is_empty() {
+                return;
+            }
+            let snapshot = st.check_usable().and_then(|()| st.sync_snapshot());
+            (mem::take(&mut st.pending), snapshot)
+        };
+        let result = snapshot.and_then(|snap| self.shared.sync_round(snap));
+        for done in batch {
+            done(match &result {
+                Ok(()) => Ok(()),
+                Err(err) => Err(err.duplicate()),
+            });
+        }
+    }
+
+    /// A simulated power loss: the active segment is cut back to what is known durable (older
+    /// segments were synced when the next one began), as the disk may be left, and the WAL
+    /// takes no more work. Waiting flushes fail with [`WalError::Closed`].
+    pub fn lose_power(&self) {
+        let pending = {
+            let mut st = self.shared.lock();
+            if st.closing {
+                return;
+            }
+            st.closing = true;
+            let keep = if st.durable.segment == st.segment {
+                st.durable.offset
+            } else {
+                SEGMENT_HEADER_LEN
+            };
+            if let Err(e) = st.file.set_len(keep) {
+                error!(error = %e, "simulated power loss: cutting the WAL failed");
+            }
+            st.offset = keep;
+            mem::take(&mut st.pending)
+        };
+        for done in pending {
+            done(Err(WalError::Closed));
+        }
     }
 
     /// Async form of [`Wal::flush_upto`].
@@ -1840,6 +1902,51 @@ mod tests {
             "flush_upto: {} flush requests, {} rounds",
             s.flush_requests - before.flush_requests,
             s.flush_rounds - before.flush_rounds
+        );
+    }
+
+    #[test]
+    fn deferred_flushes_wait_for_their_round_and_a_power_loss_keeps_only_what_was_durable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let o = WalOptions {
+            inline_flush: true,
+            ..opts(tmp.path())
+        };
+        let (wal, _) = open_collect(o.clone()).unwrap();
+        wal.defer_flushes();
+        let one = wal.append(&[b"one"]).unwrap()[0];
+        let done = Arc::new(AtomicU64::new(0));
+        let count = |done: &Arc<AtomicU64>| {
+            let done = Arc::clone(done);
+            Box::new(move |r: Result<(), WalError>| {
+                r.unwrap();
+                done.fetch_add(1, Ordering::SeqCst);
+            })
+        };
+        wal.flush(count(&done));
+        wal.flush_upto(one, count(&done));
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            0,
+            "held back until their round"
+        );
+        assert!(!wal.is_durable(one));
+        wal.run_deferred_flushes();
+        assert_eq!(done.load(Ordering::SeqCst), 2, "one round answers both");
+        assert!(wal.is_durable(one));
+        let two = wal.append(&[b"two"]).unwrap()[0];
+        let lost = Arc::new(std::sync::Mutex::new(None));
+        let seen = Arc::clone(&lost);
+        wal.flush(Box::new(move |r| *seen.lock().unwrap() = Some(r.is_err())));
+        wal.lose_power();
+        assert_eq!(*lost.lock().unwrap(), Some(true), "a waiting flush fails");
+        assert!(!wal.is_durable(two));
+        assert!(matches!(wal.append(&[b"three"]), Err(WalError::Closed)));
+        drop(wal);
+        assert_eq!(
+            replay_all(o).unwrap(),
+            vec![(one, b"one".to_vec())],
+            "only the durable record survives the power loss"
         );
     }
 

@@ -2,7 +2,9 @@
 //! driven by one seed (issue #4, item 1).
 //!
 //! Every node is our real storage stack — the WAL-backed Raft log ([`LogManager`], with the WAL
-//! flushing inline), the sled state machine, recovery of a wiped node ([`plan_shard`],
+//! flushing on the simulation's thread: a flush waits a simulated fsync time, and now and then
+//! a disk stall, so a leader can send entries its own disk does not hold yet), the sled state
+//! machine, recovery of a wiped node ([`plan_shard`],
 //! [`copy_local`], [`install_recovered`], the "recovering replicas refuse votes" rule, the leader
 //! lease of linearizable reads) — under openraft, one group per shard. Only the transport is
 //! simulated: messages go through [`World::rpc`], which delays, drops and cuts them as the seed
@@ -12,7 +14,9 @@
 //!
 //! While clients run puts, gets and deletes on a few keys and record every operation, a nemesis
 //! partitions nodes, cuts single links, makes the network lossy, crashes nodes (restarting them
-//! on the same disk) and wipes them (restarting them empty, to be rebuilt from their peers).
+//! on the same disk), makes a node lose power after its disk stalled (its WAL cut back to what
+//! was durable; restarted quickly) and wipes nodes (restarting them empty, to be rebuilt from
+//! their peers).
 //! Checked: at most one leader per shard per term; the history is linearizable (so no
 //! acknowledged write is lost: the final reads after healing are part of it); every replica of
 //! a shard ends with the same data; and the cluster settles once the faults stop.
@@ -77,6 +81,9 @@ struct Params {
     duration: Duration,
     /// One-way message delay is uniform in 0..=max_delay_ms.
     max_delay_ms: u64,
+    /// A WAL flush (an fsync) takes 0..=max_fsync_us: as long as a message's trip or longer,
+    /// so followers can hold entries their leader has not made durable yet.
+    max_fsync_us: u64,
     /// Build a snapshot every this many entries: small, so lagging followers get snapshots.
     snapshot_logs: u64,
 }
@@ -92,6 +99,7 @@ impl Params {
             duration: Duration::from_secs(rng.gen_range(10..=20)),
             max_delay_ms: rng.gen_range(1..=30),
             snapshot_logs: rng.gen_range(20..=200),
+            max_fsync_us: rng.gen_range(100..=20_000),
         }
     }
 }
@@ -181,6 +189,8 @@ struct World {
     cut: Mutex<BTreeSet<(NodeId, NodeId)>>,
     /// Probability that a message is lost.
     loss: Mutex<f64>,
+    /// Nodes whose disk has stalled: their WAL flushes wait.
+    stalled: Mutex<BTreeSet<NodeId>>,
     trace: Mutex<Trace>,
     t0: Instant,
 }
@@ -230,6 +240,7 @@ impl World {
             incarnations: Mutex::default(),
             cut: Mutex::default(),
             loss: Mutex::new(0.0),
+            stalled: Mutex::default(),
             trace: Mutex::default(),
             t0: Instant::now(),
         })
@@ -415,6 +426,18 @@ impl RaftNetwork<TypeConfig> for SimLink {
         option: RPCOption,
     ) -> RaftRpcResult<AppendEntriesResponse<NodeId>> {
         let shard = self.net.shard;
+        // As kvnode's network does: followers learn no commit index beyond this leader's
+        // durable log (its appends are reported before their deferred flush).
+        let (me, incarnation) = self.net.me;
+        let mut rpc = rpc;
+        if let Some(n) = self
+            .net
+            .world
+            .node(me)
+            .filter(|n| n.incarnation == incarnation)
+        {
+            rpc.leader_commit = n.logs.durable_commit(shard, rpc.leader_commit);
+        }
         let (vote, sent) = (rpc.vote, Instant::now());
         let r = self
             .send(option.hard_ttl(), |n| async move {
@@ -544,6 +567,9 @@ impl World {
             ..Default::default()
         })
         .expect("open WAL");
+        // Flushes take (simulated) time, as a flusher thread's fsync does: a record can be
+        // written and not yet durable, which a power loss then cuts off.
+        logs.wal().defer_flushes();
         let fresh = logs.shards_with_state().is_empty() && state.is_empty();
         let node = Arc::new(SimNode {
             id,
@@ -555,6 +581,24 @@ impl World {
         });
         // Reachable (for pings) before its groups start, as the real server is.
         lock(&self.up).insert(id, node.clone());
+        let (world, flushing) = (self.clone(), node.clone());
+        tokio::spawn(async move {
+            while world.alive(flushing.id, flushing.incarnation) {
+                // Now and then the disk stalls (as a shared or busy one does): a leader then
+                // goes on sending entries its followers make durable long before it does.
+                let fsync = world.rand(|r| {
+                    if r.gen_bool(0.05) {
+                        r.gen_range(10_000..=100_000)
+                    } else {
+                        r.gen_range(0..=world.params.max_fsync_us)
+                    }
+                });
+                sleep(Duration::from_micros(fsync)).await;
+                if !lock(&world.stalled).contains(&flushing.id) {
+                    flushing.logs.wal().run_deferred_flushes();
+                }
+            }
+        });
         self.event(format!(
             "node {id} starts (incarnation {incarnation}, {})",
             if fresh { "empty disk" } else { "from disk" }
@@ -592,8 +636,7 @@ impl World {
                 id,
                 self.raft_cfg.clone(),
                 net,
-                // As kvnode does. The commit-index clamp kvnode's network adds is a no-op here:
-                // this WAL flushes inline, so a leader's entries are durable once appended.
+                // As kvnode does (with its network's commit-index clamp, in SimLink).
                 node.logs.shard(shard).leading_as(id),
                 StateMachine::new(data.clone(), node.logs.clone()),
             )
@@ -737,12 +780,25 @@ impl World {
         }
     }
 
-    /// kill -9: the node vanishes mid-whatever; its WAL is closed so nothing more reaches it.
+    /// kill -9: the node vanishes mid-whatever; its WAL is closed so nothing more reaches it
+    /// (what it wrote stays, as the page cache keeps a killed process's writes).
     async fn crash(&self, id: NodeId) {
+        self.stop_node(id, false).await
+    }
+
+    /// The node loses power: its WAL loses what was written but not yet durable.
+    async fn lose_power(&self, id: NodeId) {
+        self.stop_node(id, true).await
+    }
+
+    async fn stop_node(&self, id: NodeId, power_loss: bool) {
         let Some(node) = lock(&self.up).remove(&id) else {
             return;
         };
-        self.event(format!("node {id} crashes"));
+        self.event(format!(
+            "node {id} {}",
+            if power_loss { "loses power" } else { "crashes" }
+        ));
         let shards: Vec<Arc<SimShard>> = lock(&node.shards).values().cloned().collect();
         {
             let mut t = lock(&self.trace);
@@ -753,7 +809,11 @@ impl World {
                 t.lease_reads += s.lease_reads.load(std::sync::atomic::Ordering::Relaxed);
             }
         }
-        node.logs.wal().close();
+        if power_loss {
+            node.logs.wal().lose_power();
+        } else {
+            node.logs.wal().close();
+        }
         for s in shards {
             let _ = tokio::time::timeout(Duration::from_secs(5), s.raft.shutdown()).await;
         }
@@ -994,7 +1054,7 @@ async fn nemesis(world: Arc<World>, until: Instant) {
         sleep(Duration::from_millis(pause)).await;
         let (kind, victim, hold) = world.rand(|r| {
             (
-                r.gen_range(0..6),
+                r.gen_range(0..7),
                 r.gen_range(1..=nodes),
                 Duration::from_millis(r.gen_range(100..3000)),
             )
@@ -1037,6 +1097,24 @@ async fn nemesis(world: Arc<World>, until: Instant) {
                     "nemesis: crash node {victim}, restart after {hold:?}"
                 ));
                 world.crash(victim).await;
+                sleep(hold).await;
+                world.start(victim, false).await;
+            }
+            5 => {
+                // Its disk stalls first, for a while, as a failing one does: it goes on
+                // appending (and, if it leads, sending its entries to followers, who make them
+                // durable) with nothing reaching its own disk. Then the power goes, and it is
+                // back quickly, as a supervisor restarts it: often before anyone else is elected.
+                let stall = hold / 10;
+                let hold = hold / 8;
+                world.event(format!(
+                    "nemesis: node {victim}'s disk stalls for {stall:?}, then it loses power; \
+                     restart after {hold:?}"
+                ));
+                lock(&world.stalled).insert(victim);
+                sleep(stall).await;
+                world.lose_power(victim).await;
+                lock(&world.stalled).remove(&victim);
                 sleep(hold).await;
                 world.start(victim, false).await;
             }
