@@ -1225,16 +1225,24 @@ impl Wal {
     /// [`WalError::Closed`].
     pub fn close(&self) {
         if self.shared.cfg.inline_flush {
-            let snapshot = {
+            let (snapshot, deferred) = {
                 let mut st = self.shared.lock();
                 if st.closing {
                     return;
                 }
                 st.closing = true;
-                st.sync_snapshot()
+                (st.sync_snapshot(), mem::take(&mut st.pending))
             };
-            if let Err(e) = snapshot.and_then(|snap| self.shared.sync_round(snap)) {
+            let result = snapshot.and_then(|snap| self.shared.sync_round(snap));
+            if let Err(e) = &result {
                 error!(error = %e, "final WAL sync on close failed");
+            }
+            // Flushes held back by `defer_flushes`: the final sync covered them.
+            for done in deferred {
+                done(match &result {
+                    Ok(()) => Ok(()),
+                    Err(err) => Err(err.duplicate()),
+                });
             }
             self.trim_fill_on_close();
             return;
@@ -1944,10 +1952,19 @@ mod tests {
         assert!(matches!(wal.append(&[b"three"]), Err(WalError::Closed)));
         drop(wal);
         assert_eq!(
-            replay_all(o).unwrap(),
+            replay_all(o.clone()).unwrap(),
             vec![(one, b"one".to_vec())],
             "only the durable record survives the power loss"
         );
+
+        // A close (a process crash keeps what was written) runs what was held back.
+        let (wal, _) = open_collect(o).unwrap();
+        wal.defer_flushes();
+        let before = done.load(Ordering::SeqCst);
+        wal.append(&[b"four"]).unwrap();
+        wal.flush(count(&done));
+        wal.close();
+        assert_eq!(done.load(Ordering::SeqCst), before + 1, "close answers it");
     }
 
     #[test]

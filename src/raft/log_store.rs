@@ -43,7 +43,8 @@
 //! loss its log may end before entries it had already sent, and it would write new, different
 //! entries under the same log ids. Followers holding the old ones take a matching log id for a
 //! matching entry and keep them (Raft's log matching property broken): found by
-//! `tests/crash.rs`, a follower that never applied acknowledged writes. So a node's own log
+//! `tests/crash.rs`, a follower that never applied acknowledged writes, and since found by
+//! `tests/sim.rs` too (power losses after disk stalls). So a node's own log
 //! ([`ShardLog::leading_as`]) reads back its own committed vote as the uncommitted vote of the
 //! same term: the node starts as a follower, still bound by the vote it cast, and leads again
 //! only by winning a later term, whose entries conflict with the lost ones and replace them.
