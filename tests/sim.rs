@@ -81,7 +81,7 @@ struct Params {
     duration: Duration,
     /// One-way message delay is uniform in 0..=max_delay_ms.
     max_delay_ms: u64,
-    /// A WAL flush (an fsync) takes 0..=max_fsync_us: as long as a message's trip or longer,
+    /// A WAL flush (an fsync) takes 0..=max_fsync_us, comparable to a message's trip,
     /// so followers can hold entries their leader has not made durable yet.
     max_fsync_us: u64,
     /// Build a snapshot every this many entries: small, so lagging followers get snapshots.
