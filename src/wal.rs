@@ -619,19 +619,25 @@ impl State {
     /// segments were synced when the next was started), as a power loss may leave it, and aborts.
     /// Called with the state lock held, so no sync can be under way on the bytes just written.
     fn lose_unsynced(&self, fault: Fault, just_written: u64) -> ! {
-        let keep = if self.durable.segment == self.segment {
-            self.durable.offset
-        } else {
-            SEGMENT_HEADER_LEN
-        };
         let end = self.offset + just_written;
-        let cut = self.file.set_len(keep);
+        let (keep, cut) = self.cut_to_durable();
         eprintln!(
             "kvnode: {ENV_FAULT}: cut {} back to {keep} bytes (dropping {} unsynced bytes): {cut:?}",
             self.path.display(),
             end.saturating_sub(keep)
         );
         crash(fault, &self.path)
+    }
+
+    /// Cuts the active segment back to what is known durable (older segments were synced when
+    /// the next one began), as a power loss may leave it; returns the length kept.
+    fn cut_to_durable(&self) -> (u64, io::Result<()>) {
+        let keep = if self.durable.segment == self.segment {
+            self.durable.offset
+        } else {
+            SEGMENT_HEADER_LEN
+        };
+        (keep, self.file.set_len(keep))
     }
 
     /// Writes [`FILL_AHEAD`] bytes of zeros after the tail, so that the fdatasyncs of the
@@ -778,10 +784,7 @@ fn run_flusher(shared: &Shared) {
                 .fetch_add(1, Ordering::Relaxed);
         }
         for done in batch.into_iter().chain(riders) {
-            let outcome = match &result {
-                Ok(()) => Ok(()),
-                Err(err) => Err(err.duplicate()),
-            };
+            let outcome = shared_outcome(&result);
             if panic::catch_unwind(AssertUnwindSafe(move || done(outcome))).is_err() {
                 error!("WAL flush callback panicked");
             }
@@ -790,6 +793,11 @@ fn run_flusher(shared: &Shared) {
             return;
         }
     }
+}
+
+/// One round's outcome, for each of the callbacks it answers.
+fn shared_outcome(result: &Result<(), WalError>) -> Result<(), WalError> {
+    result.as_ref().map(|_| ()).map_err(WalError::duplicate)
 }
 
 /// Hands `start` a flush callback and waits for it to be called.
@@ -1067,10 +1075,7 @@ impl Wal {
         };
         let result = snapshot.and_then(|snap| self.shared.sync_round(snap));
         for done in batch {
-            done(match &result {
-                Ok(()) => Ok(()),
-                Err(err) => Err(err.duplicate()),
-            });
+            done(shared_outcome(&result));
         }
     }
 
@@ -1084,12 +1089,8 @@ impl Wal {
                 return;
             }
             st.closing = true;
-            let keep = if st.durable.segment == st.segment {
-                st.durable.offset
-            } else {
-                SEGMENT_HEADER_LEN
-            };
-            if let Err(e) = st.file.set_len(keep) {
+            let (keep, cut) = st.cut_to_durable();
+            if let Err(e) = cut {
                 error!(error = %e, "simulated power loss: cutting the WAL failed");
             }
             st.offset = keep;
@@ -1239,10 +1240,7 @@ impl Wal {
             }
             // Flushes held back by `defer_flushes`: the final sync covered them.
             for done in deferred {
-                done(match &result {
-                    Ok(()) => Ok(()),
-                    Err(err) => Err(err.duplicate()),
-                });
+                done(shared_outcome(&result));
             }
             self.trim_fill_on_close();
             return;
