@@ -38,7 +38,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use serde::Serialize;
 use tonic::transport::Channel;
 
-use crate::client::Routes;
+use crate::client::{RouteHint, Routes, Session};
 use crate::pb;
 use crate::peers::MAX_MESSAGE;
 
@@ -107,6 +107,10 @@ pub struct BenchArgs {
     /// and the contacted node forwards (the behaviour before shard-aware routing).
     #[arg(long)]
     pub no_routing: bool,
+    /// kvstore: one unary gRPC call per request instead of the client library's session streams
+    /// (`kv.v1.KeyValue/Session`, many requests multiplexed on one stream per connection).
+    #[arg(long)]
+    pub unary: bool,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -485,18 +489,21 @@ fn target_name(t: Target) -> &'static str {
 // ---------------------------------------------------------------------------------------------
 // Connections
 
-/// One gRPC connection, to kvstore's `kv.v1.KeyValue` or etcd's `etcdserverpb.KV`.
+/// One gRPC connection, to kvstore's `kv.v1.KeyValue` (a session stream, or unary calls) or
+/// etcd's `etcdserverpb.KV`.
 #[derive(Clone)]
 enum Conn {
+    Session(Arc<Session>),
     Kv(pb::key_value_client::KeyValueClient<Channel>),
     Etcd(etcdpb::kv_client::KvClient<Channel>),
 }
 
 impl Conn {
-    fn new(target: Target, endpoint: &str) -> Result<Conn, String> {
+    fn new(target: Target, endpoint: &str, unary: bool) -> Result<Conn, String> {
         let ch = crate::peers::channel(endpoint, Duration::from_secs(2))
             .map_err(|e| format!("bad endpoint {endpoint}: {e}"))?;
         Ok(match target {
+            Target::Kvstore if !unary => Conn::Session(Arc::new(Session::new(endpoint, ch))),
             Target::Kvstore => Conn::Kv(
                 pb::key_value_client::KeyValueClient::new(ch)
                     .max_decoding_message_size(MAX_MESSAGE)
@@ -519,13 +526,22 @@ impl Conn {
         routes: Option<&Routes>,
     ) -> Result<bool, tonic::Status> {
         match self {
+            Conn::Session(s) => {
+                let k = routes.map(|_| key.clone());
+                let op = pb::session_request::Op::Get(pb::GetRequest { key, stale });
+                let (result, hint) = s.call(op, timeout).await?;
+                if let (Some(routes), Some(k)) = (routes, k) {
+                    routes.learn(&k, &hint);
+                }
+                Ok(matches!(result, pb::session_reply::Result::Get(g) if g.found))
+            }
             Conn::Kv(c) => {
                 let k = routes.map(|_| key.clone());
                 let mut r = tonic::Request::new(pb::GetRequest { key, stale });
                 r.set_timeout(timeout);
                 let resp = c.get(r).await?;
                 if let (Some(routes), Some(k)) = (routes, k) {
-                    routes.learn(&k, resp.metadata());
+                    routes.learn(&k, &RouteHint::from_headers(resp.metadata()));
                 }
                 Ok(resp.into_inner().found)
             }
@@ -549,13 +565,21 @@ impl Conn {
         routes: Option<&Routes>,
     ) -> Result<(), tonic::Status> {
         match self {
+            Conn::Session(s) => {
+                let k = routes.map(|_| key.clone());
+                let op = pb::session_request::Op::Put(pb::PutRequest { key, value });
+                let (_, hint) = s.call(op, timeout).await?;
+                if let (Some(routes), Some(k)) = (routes, k) {
+                    routes.learn(&k, &hint);
+                }
+            }
             Conn::Kv(c) => {
                 let k = routes.map(|_| key.clone());
                 let mut r = tonic::Request::new(pb::PutRequest { key, value });
                 r.set_timeout(timeout);
                 let resp = c.put(r).await?;
                 if let (Some(routes), Some(k)) = (routes, k) {
-                    routes.learn(&k, resp.metadata());
+                    routes.learn(&k, &RouteHint::from_headers(resp.metadata()));
                 }
             }
             Conn::Etcd(c) => {
@@ -929,7 +953,7 @@ pub async fn bench(
         connections = connections.max(endpoints.len() as u64);
     }
     let conns = (0..connections as usize)
-        .map(|i| Conn::new(args.target, &endpoints[i % endpoints.len()]))
+        .map(|i| Conn::new(args.target, &endpoints[i % endpoints.len()], args.unary))
         .collect::<Result<Vec<_>, _>>()?;
     probe(&conns, &endpoints, timeout).await?;
     let routes = if routed {

@@ -23,14 +23,19 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use futures::FutureExt;
 use tokio::time::Instant;
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::Code;
 
+use crate::mux::Mux;
 use crate::pb::cluster_client::ClusterClient;
 use crate::pb::key_value_client::KeyValueClient;
-use crate::pb::{DeleteRequest, GetRequest, PutRequest, StatusReply, StatusRequest};
+use crate::pb::{
+    session_reply, session_request, DeleteRequest, GetRequest, PutRequest, SessionReply,
+    SessionRequest, StatusReply, StatusRequest,
+};
 use crate::peers::{channel, MAX_MESSAGE};
 use crate::placement::shard_for_key;
 use crate::router::{LEADER_HINT, NOT_EXECUTED, SHARDS_HEADER, SHARD_HEADER};
@@ -104,19 +109,16 @@ impl Routes {
         }
     }
 
-    /// Learns from a successful reply's headers about `key`: the shard count, and the leader of
-    /// its shard (forgotten when the reply names none).
-    pub fn learn(&self, key: &[u8], md: &MetadataMap) {
-        let header = |name: &str| md.get(name).and_then(|v| v.to_str().ok());
-        let Some(shards) = header(SHARDS_HEADER).and_then(|v| v.parse::<u32>().ok()) else {
-            return;
-        };
+    /// Learns from a successful reply about `key`: the shard count, and the leader of its shard
+    /// (forgotten when the reply names none).
+    pub fn learn(&self, key: &[u8], hint: &RouteHint) {
+        let shards = hint.shards;
         if shards == 0 {
             return;
         }
         let shard = shard_for_key(key, shards);
-        let leader = header(LEADER_HINT).and_then(|v| v.parse::<u64>().ok());
-        let agrees = header(SHARD_HEADER).and_then(|v| v.parse::<u32>().ok()) == Some(shard);
+        let leader = hint.leader;
+        let agrees = hint.shard == Some(shard);
         {
             let r = self.read();
             if r.disabled
@@ -200,6 +202,94 @@ impl Routes {
         let mut w = self.write();
         w.discovering = false;
         w.last_discovery = Some(Instant::now());
+    }
+}
+
+/// What a successful reply says about routing: the key's shard, the shard count (0: not said)
+/// and the node that executed it as the shard's leader. A unary reply says it in its headers, a
+/// session reply in its fields.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RouteHint {
+    pub shard: Option<u32>,
+    pub shards: u32,
+    pub leader: Option<u64>,
+}
+
+impl RouteHint {
+    pub fn from_headers(md: &MetadataMap) -> RouteHint {
+        let header = |name: &str| md.get(name).and_then(|v| v.to_str().ok());
+        RouteHint {
+            shard: header(SHARD_HEADER).and_then(|v| v.parse().ok()),
+            shards: header(SHARDS_HEADER)
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            leader: header(LEADER_HINT).and_then(|v| v.parse().ok()),
+        }
+    }
+
+    fn of_reply(r: &SessionReply) -> RouteHint {
+        RouteHint {
+            shard: r.shard,
+            shards: r.shards,
+            leader: r.leader,
+        }
+    }
+}
+
+/// Requests to one node on one `kv.v1.KeyValue/Session` stream (see [`crate::mux`]): each
+/// behaves as its unary call, without the call's HTTP/2 stream and headers.
+pub struct Session {
+    mux: Mux<SessionRequest, SessionReply>,
+}
+
+impl Session {
+    pub fn new(endpoint: &str, channel: Channel) -> Session {
+        let mux = Mux::new(
+            format!("the session with {endpoint}"),
+            endpoint.to_string(),
+            Box::new(move |requests| {
+                let mut kv = KeyValueClient::new(channel.clone())
+                    .max_decoding_message_size(MAX_MESSAGE)
+                    .max_encoding_message_size(MAX_MESSAGE);
+                async move { Ok(kv.session(requests).await?.into_inner()) }.boxed()
+            }),
+        );
+        Session { mux }
+    }
+
+    /// Sends `op` and waits at most `timeout` for its outcome: the reply, or the status its
+    /// unary call would have failed with (with the `kv-not-executed` and `kv-leader` markers).
+    pub async fn call(
+        &self,
+        op: session_request::Op,
+        timeout: Duration,
+    ) -> Result<(session_reply::Result, RouteHint), tonic::Status> {
+        let req = SessionRequest {
+            id: 0,
+            timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+            op: Some(op),
+        };
+        let r = self.mux.call(req, timeout).await?;
+        if r.code != 0 {
+            let mut s = tonic::Status::new(Code::from_i32(r.code), r.message);
+            if r.not_executed {
+                s.metadata_mut().insert(
+                    NOT_EXECUTED,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+            }
+            if let Some(l) = r.leader {
+                s.metadata_mut().insert(LEADER_HINT, l.into());
+            }
+            return Err(s);
+        }
+        let hint = RouteHint::of_reply(&r);
+        match r.result {
+            Some(result) => Ok((result, hint)),
+            None => Err(tonic::Status::internal(
+                "the node sent a session reply with neither a result nor an error",
+            )),
+        }
     }
 }
 
@@ -320,7 +410,7 @@ impl Client {
                 Ok(((value, node_id), md)) => {
                     self.current.store(idx, Ordering::Relaxed);
                     if let Some(k) = key {
-                        self.routes.learn(k, &md);
+                        self.routes.learn(k, &RouteHint::from_headers(&md));
                     }
                     return Ok(Served {
                         value,
@@ -446,14 +536,15 @@ mod tests {
     use super::*;
     use crate::pb::ShardStatus;
 
-    fn reply_headers(shard: u32, shards: u32, leader: Option<u64>) -> MetadataMap {
+    /// What a unary reply's headers say, parsed as the client parses them.
+    fn reply_headers(shard: u32, shards: u32, leader: Option<u64>) -> RouteHint {
         let mut md = MetadataMap::new();
         md.insert(SHARD_HEADER, shard.into());
         md.insert(SHARDS_HEADER, shards.into());
         if let Some(l) = leader {
             md.insert(LEADER_HINT, l.into());
         }
-        md
+        RouteHint::from_headers(&md)
     }
 
     /// Routes come from Status (endpoint -> node, shard count, leaders) and reply headers; a

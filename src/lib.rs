@@ -27,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod heartbeat;
 pub mod lease;
+pub mod mux;
 pub mod node;
 pub mod peers;
 pub mod placement;

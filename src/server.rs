@@ -263,12 +263,18 @@ pub fn decode_snapshot_offer(payload: &[u8]) -> Result<(Vote, SnapshotMeta), Sta
 
 /// The client's deadline (grpc-timeout) when it sent one, capped by our own request timeout.
 fn deadline<T>(node: &Node, req: &Request<T>) -> Instant {
-    let ours = Duration::from_millis(node.config.request_timeout_ms);
     let theirs = req
         .metadata()
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout);
+    within(node, theirs)
+}
+
+/// The deadline of a request whose caller waits `theirs` (if it said), capped by the node's
+/// `request_timeout_ms`.
+fn within(node: &Node, theirs: Option<Duration>) -> Instant {
+    let ours = Duration::from_millis(node.config.request_timeout_ms);
     let now = Instant::now();
     // A configured timeout too large to add (years) means "no deadline" in practice.
     let within = theirs.map_or(ours, |t| t.min(ours));
@@ -325,12 +331,22 @@ fn refuse_if_draining(node: &Node, forwarded: bool) -> Result<(), Status> {
     Ok(())
 }
 
-#[tonic::async_trait]
-impl pb::key_value_server::KeyValue for KeyValueService {
-    async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
-        let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
+/// What a successful reply's routing headers say (see [`routed`]); stale reads carry none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Route {
+    shard: u32,
+    leader: u64,
+}
+
+impl KeyValueService {
+    /// A put, as the unary call and a session both serve it.
+    async fn do_put(
+        &self,
+        r: pb::PutRequest,
+        deadline: Instant,
+        fwd: bool,
+    ) -> Result<(pb::PutResponse, Option<Route>), Status> {
         refuse_if_draining(&self.node, fwd)?;
-        let r = req.into_inner();
         check_put(&r.key, &r.value)?;
         let shard = self.node.placement.shard_for_key(&r.key);
         let op = Op::Put {
@@ -338,18 +354,20 @@ impl pb::key_value_server::KeyValue for KeyValueService {
             value: r.value,
         };
         let (_, node_id) = self.node.execute(op, fwd, deadline).await?;
-        Ok(routed(
-            &self.node,
+        let route = Route {
             shard,
-            Some(node_id),
-            pb::PutResponse { node_id },
-        ))
+            leader: node_id,
+        };
+        Ok((pb::PutResponse { node_id }, Some(route)))
     }
 
-    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
-        let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
+    async fn do_get(
+        &self,
+        r: pb::GetRequest,
+        deadline: Instant,
+        fwd: bool,
+    ) -> Result<(pb::GetResponse, Option<Route>), Status> {
         refuse_if_draining(&self.node, fwd)?;
-        let r = req.into_inner();
         check_key(&r.key)?;
         let (shard, stale) = (self.node.placement.shard_for_key(&r.key), r.stale);
         let op = Op::Get {
@@ -365,23 +383,23 @@ impl pb::key_value_server::KeyValue for KeyValueService {
                 };
                 // A stale read is served by the replica reached, not routed: no headers (they
                 // cost measurably at stale-read rates).
-                Ok(if stale {
-                    Response::new(reply)
-                } else {
-                    routed(&self.node, shard, Some(node_id), reply)
-                })
+                let route = (!stale).then_some(Route {
+                    shard,
+                    leader: node_id,
+                });
+                Ok((reply, route))
             }
             _ => Err(Status::internal("unexpected outcome for get")),
         }
     }
 
-    async fn delete(
+    async fn do_delete(
         &self,
-        req: Request<pb::DeleteRequest>,
-    ) -> Result<Response<pb::DeleteResponse>, Status> {
-        let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
+        r: pb::DeleteRequest,
+        deadline: Instant,
+        fwd: bool,
+    ) -> Result<(pb::DeleteResponse, Option<Route>), Status> {
         refuse_if_draining(&self.node, fwd)?;
-        let r = req.into_inner();
         check_key(&r.key)?;
         let shard = self.node.placement.shard_for_key(&r.key);
         match self
@@ -394,11 +412,185 @@ impl pb::key_value_server::KeyValue for KeyValueService {
                     deleted: existed,
                     node_id,
                 };
-                Ok(routed(&self.node, shard, Some(node_id), reply))
+                let route = Route {
+                    shard,
+                    leader: node_id,
+                };
+                Ok((reply, Some(route)))
             }
             _ => Err(Status::internal("unexpected outcome for delete")),
         }
     }
+
+    /// Serves one request of a session and tags the reply with its id.
+    async fn session_one(&self, req: pb::SessionRequest) -> pb::SessionReply {
+        use pb::session_reply::Result as R;
+        use pb::session_request::Op as O;
+        let deadline = within(
+            &self.node,
+            (req.timeout_ms > 0).then(|| Duration::from_millis(u64::from(req.timeout_ms))),
+        );
+        // Clients' sessions are never forwarded: forwarding between nodes is unary.
+        let outcome = match req.op {
+            Some(O::Put(r)) => self
+                .do_put(r, deadline, false)
+                .await
+                .map(|(m, route)| (R::Put(m), route)),
+            Some(O::Get(r)) => self
+                .do_get(r, deadline, false)
+                .await
+                .map(|(m, route)| (R::Get(m), route)),
+            Some(O::Delete(r)) => self
+                .do_delete(r, deadline, false)
+                .await
+                .map(|(m, route)| (R::Delete(m), route)),
+            None => Err(Status::invalid_argument(
+                "a session request needs one of put, get or delete",
+            )),
+        };
+        session_reply(req.id, self.node.placement.shards, outcome)
+    }
+}
+
+/// The session form of a request's outcome: what the unary reply says in its message and
+/// headers.
+fn session_reply(
+    id: u64,
+    shards: u32,
+    outcome: Result<(pb::session_reply::Result, Option<Route>), Status>,
+) -> pb::SessionReply {
+    match outcome {
+        Ok((result, route)) => pb::SessionReply {
+            id,
+            result: Some(result),
+            shard: route.map(|r| r.shard),
+            shards: if route.is_some() { shards } else { 0 },
+            leader: route.map(|r| r.leader),
+            ..Default::default()
+        },
+        Err(s) => pb::SessionReply {
+            id,
+            code: match s.code() {
+                // A status can never be Ok here; map one defensively to a failure.
+                tonic::Code::Ok => tonic::Code::Unknown as i32,
+                c => c as i32,
+            },
+            message: s.message().to_string(),
+            leader: s
+                .metadata()
+                .get(LEADER_HINT)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+            not_executed: crate::router::not_executed(&s),
+            ..Default::default()
+        },
+    }
+}
+
+/// `msg` with the routing headers of `route`, if any.
+fn with_route<T>(node: &Node, route: Option<Route>, msg: T) -> Response<T> {
+    match route {
+        Some(r) => routed(node, r.shard, Some(r.leader), msg),
+        None => Response::new(msg),
+    }
+}
+
+/// The replies of a stream served by [`serve_stream`].
+type Replies<Rep> = Pin<Box<dyn Stream<Item = Result<Rep, Status>> + Send>>;
+type SessionStream = Replies<pb::SessionReply>;
+
+#[tonic::async_trait]
+impl pb::key_value_server::KeyValue for KeyValueService {
+    async fn put(&self, req: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
+        let (msg, route) = self.do_put(req.into_inner(), deadline, fwd).await?;
+        Ok(with_route(&self.node, route, msg))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
+        let (msg, route) = self.do_get(req.into_inner(), deadline, fwd).await?;
+        Ok(with_route(&self.node, route, msg))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let (deadline, fwd) = (deadline(&self.node, &req), forwarded(&req));
+        let (msg, route) = self.do_delete(req.into_inner(), deadline, fwd).await?;
+        Ok(with_route(&self.node, route, msg))
+    }
+
+    type SessionStream = SessionStream;
+
+    /// A client's many requests on one stream: served like `RaftStream` (see [`serve_stream`]),
+    /// each exactly as its unary call.
+    async fn session(
+        &self,
+        req: Request<tonic::Streaming<pb::SessionRequest>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        refuse_if_draining(&self.node, false)?;
+        let service = Arc::new(KeyValueService {
+            node: self.node.clone(),
+        });
+        serve_stream(&self.node, req.into_inner(), move |r| {
+            let service = service.clone();
+            async move { service.session_one(r).await }
+        })
+        .map(Response::new)
+    }
+}
+
+/// Serves a stream of requests (a peer's [`crate::raft::pipe`], a client's session): each
+/// request in a task of its own, so one that waits (an append waiting for its fsync, a write
+/// waiting for its commit) holds up none of the others; `handle` tags each reply with its
+/// request's id. At most [`MAX_STREAMS_PER_CONNECTION`] requests are in progress (handled, or
+/// with their reply waiting to be queued), as many as unary calls could be on one connection;
+/// beyond that the stream is not read, and HTTP/2 flow control holds the sender back. Ends when
+/// the sender closes its side or this node stops serving (an open stream would otherwise keep
+/// the server's graceful shutdown waiting).
+fn serve_stream<Req, Rep, F, Fut>(
+    node: &Node,
+    mut requests: tonic::Streaming<Req>,
+    handle: F,
+) -> Result<Replies<Rep>, Status>
+where
+    Req: Send + 'static,
+    Rep: Send + 'static,
+    F: Fn(Req) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Rep> + Send + 'static,
+{
+    let mut stop = node.stop_signal();
+    if *stop.borrow() {
+        return Err(Status::unavailable(format!("node {} is stopping", node.id)));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_REPLIES);
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        MAX_STREAMS_PER_CONNECTION as usize,
+    ));
+    tokio::spawn(async move {
+        loop {
+            let msg = tokio::select! {
+                m = requests.message() => m,
+                _ = stop.changed() => return,
+            };
+            // A transport error ends the stream like its end does: the sender opens another.
+            let Ok(Some(msg)) = msg else { return };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let (reply, tx) = (handle(msg), tx.clone());
+            tokio::spawn(async move {
+                // The sender stopped reading: nobody waits for this reply.
+                let _ = tx.send(Ok(reply.await)).await;
+                // Held until the reply is queued: a sender that reads no replies gets no more
+                // of its requests read either.
+                drop(permit);
+            });
+        }
+    });
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
 }
 
 pub struct ClusterService {
@@ -449,10 +641,11 @@ impl ClusterService {
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::RecoverChunk, Status>> + Send>>;
-type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::RaftStreamReply, Status>> + Send>>;
+type ReplyStream = Replies<pb::RaftStreamReply>;
 
-/// Replies queued on a `RaftStream` before its handlers wait (HTTP/2 flow control is behind it).
-const RAFT_STREAM_REPLIES: usize = 1024;
+/// Replies queued on a `RaftStream` or a `Session` before its handlers wait (HTTP/2 flow control
+/// is behind it).
+const STREAM_REPLIES: usize = 1024;
 
 #[tonic::async_trait]
 impl pb::cluster_server::Cluster for ClusterService {
@@ -485,59 +678,22 @@ impl pb::cluster_server::Cluster for ClusterService {
 
     type RaftStreamStream = ReplyStream;
 
-    /// Serves a peer's [`crate::raft::pipe`]: each message in a task of its own, so one that
-    /// waits (an append waiting for its fsync) holds up none of the others; each reply carries
-    /// its request's id. Ends when the peer closes its side or this node stops serving (an open
-    /// stream would otherwise keep the server's graceful shutdown waiting).
+    /// Serves a peer's [`crate::raft::pipe`] (see [`serve_stream`]).
     async fn raft_stream(
         &self,
         req: Request<tonic::Streaming<pb::RaftRequest>>,
     ) -> Result<Response<Self::RaftStreamStream>, Status> {
-        let mut requests = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel(RAFT_STREAM_REPLIES);
-        let service = ClusterService {
+        let service = Arc::new(ClusterService {
             node: self.node.clone(),
-        };
-        let mut stop = self.node.stop_signal();
-        if *stop.borrow() {
-            return Err(Status::unavailable(format!(
-                "node {} is stopping",
-                self.node.id
-            )));
-        }
-        // As many messages in progress (handled, or with their reply waiting to be queued) as
-        // unary calls could be on one connection; beyond that the stream is not read, and HTTP/2
-        // flow control holds the peer back.
-        let permits = Arc::new(tokio::sync::Semaphore::new(
-            MAX_STREAMS_PER_CONNECTION as usize,
-        ));
-        tokio::spawn(async move {
-            let service = Arc::new(service);
-            loop {
-                let msg = tokio::select! {
-                    m = requests.message() => m,
-                    _ = stop.changed() => return,
-                };
-                // A transport error ends the stream like its end does: the peer reopens one.
-                let Ok(Some(msg)) = msg else { return };
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    return;
-                };
-                let (service, tx) = (service.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let id = msg.id;
-                    let reply = pipe::reply_for(id, service.handle_raft(msg).await);
-                    // The peer stopped reading: nobody waits for this reply.
-                    let _ = tx.send(Ok(reply)).await;
-                    // Held until the reply is queued: a peer that reads no replies gets no more
-                    // of its messages read either.
-                    drop(permit);
-                });
-            }
         });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        serve_stream(&self.node, req.into_inner(), move |msg| {
+            let service = service.clone();
+            async move {
+                let id = msg.id;
+                pipe::reply_for(id, service.handle_raft(msg).await)
+            }
+        })
+        .map(Response::new)
     }
 
     async fn offer_snapshot(

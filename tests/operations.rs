@@ -101,6 +101,135 @@ fn bad_input_is_rejected_and_the_node_stays_up() {
     });
 }
 
+/// `kv.v1.KeyValue/Session` serves each request as its unary call: the same results (seen by
+/// the unary client), the same validation errors, routing fields where the unary reply has
+/// headers, and a reply per request by id, whatever order they finish in.
+#[test]
+fn a_session_serves_requests_as_their_unary_calls() {
+    use kvstore::pb::{session_reply::Result as R, session_request::Op};
+    use kvstore::pb::{DeleteRequest, GetRequest, PutRequest};
+    rt().block_on(async {
+        let c = Cluster::start(3, "").await;
+        let unary = c.client(&[0]);
+        let ch = kvstore::peers::channel(&c.addrs[0], Duration::from_secs(2)).expect("channel");
+        let session = kvstore::client::Session::new(&c.addrs[0], ch);
+        let t = Duration::from_secs(10);
+        let put = |k: &str, v: &str| {
+            Op::Put(PutRequest {
+                key: k.into(),
+                value: v.into(),
+            })
+        };
+
+        let (r, hint) = session.call(put("s/a", "1"), t).await.expect("put");
+        let R::Put(p) = r else { panic!("{r:?}") };
+        assert_eq!(hint.shards, 8);
+        assert_eq!(
+            hint.shard,
+            Some(kvstore::placement::shard_for_key(b"s/a", 8))
+        );
+        assert_eq!(hint.leader, Some(p.node_id));
+        let got = unary.get(b"s/a", false).await.expect("unary get");
+        assert_eq!(got.value.as_deref(), Some(&b"1"[..]));
+        assert_eq!(got.node_id, p.node_id, "the same leader served both");
+
+        let get = |k: &str, stale| {
+            Op::Get(GetRequest {
+                key: k.into(),
+                stale,
+            })
+        };
+        match session.call(get("s/a", false), t).await.expect("get") {
+            (R::Get(g), _) => assert!(g.found && g.value == b"1"),
+            other => panic!("{other:?}"),
+        }
+        // A stale read is not routed: no routing fields, as no headers on the unary reply.
+        let (_, hint) = session.call(get("s/a", true), t).await.expect("stale get");
+        assert_eq!((hint.shards, hint.shard, hint.leader), (0, None, None));
+        let del = |k: &str| Op::Delete(DeleteRequest { key: k.into() });
+        match session.call(del("s/a"), t).await.expect("delete") {
+            (R::Delete(d), _) => assert!(d.deleted),
+            other => panic!("{other:?}"),
+        }
+        match session.call(del("s/a"), t).await.expect("delete again") {
+            (R::Delete(d), _) => assert!(!d.deleted),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(unary.get(b"s/a", false).await.expect("get").value, None);
+
+        // Bad input: the unary call's error, and the session goes on.
+        let e = session
+            .call(
+                Op::Put(PutRequest {
+                    key: vec![b'k'; 4097],
+                    value: b"v".to_vec(),
+                }),
+                t,
+            )
+            .await
+            .expect_err("oversize key");
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("4096"), "{}", e.message());
+
+        // Many requests at once on the one stream, each answered.
+        let puts = (0..200).map(|i| session.call(put(&format!("s/{i}"), &i.to_string()), t));
+        for r in futures::future::join_all(puts).await {
+            r.expect("concurrent put");
+        }
+        for i in (0..200).step_by(37) {
+            let got = unary
+                .get(format!("s/{i}").as_bytes(), false)
+                .await
+                .expect("get");
+            assert_eq!(got.value, Some(i.to_string().into_bytes()));
+        }
+
+        // On the wire: a request with no operation gets its own error, by id.
+        let mut raw = kvstore::pb::key_value_client::KeyValueClient::connect(format!(
+            "http://{}",
+            c.addrs[1]
+        ))
+        .await
+        .expect("connect");
+        let reqs = vec![
+            kvstore::pb::SessionRequest {
+                id: 5,
+                timeout_ms: 0,
+                op: None,
+            },
+            kvstore::pb::SessionRequest {
+                id: 6,
+                timeout_ms: 5000,
+                op: Some(get("s/7", false)),
+            },
+        ];
+        let mut replies = raw
+            .session(tokio_stream::iter(reqs))
+            .await
+            .expect("session opens")
+            .into_inner();
+        let mut seen = Vec::new();
+        for _ in 0..2 {
+            let r = tokio::time::timeout(Duration::from_secs(10), replies.message())
+                .await
+                .expect("a reply within 10 s")
+                .expect("stream intact")
+                .expect("a reply per request");
+            match r.id {
+                5 => assert_eq!(r.code, tonic::Code::InvalidArgument as i32, "{r:?}"),
+                6 => assert!(
+                    matches!(&r.result, Some(R::Get(g)) if g.value == b"7"),
+                    "{r:?}"
+                ),
+                _ => panic!("unexpected reply {r:?}"),
+            }
+            seen.push(r.id);
+        }
+        seen.sort();
+        assert_eq!(seen, vec![5, 6]);
+    });
+}
+
 #[test]
 fn kvctl_exit_codes_and_output() {
     rt().block_on(async {

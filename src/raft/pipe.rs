@@ -6,116 +6,48 @@
 //! box made 6 socket writes per client write. On a pipe, a message is one DATA frame of a stream
 //! that stays open, and messages of several shards that leave together share one socket write.
 //!
-//! Each request carries an id; the peer answers every request on its reply stream with the same
-//! id, in whatever order its handlers finish (see `ClusterService::raft_stream`), so a shard
-//! whose follower is waiting for an fsync holds up nobody else's messages. What a caller sees is
-//! what a unary call gave it: the peer's reply, or a gRPC status (`UNAVAILABLE` when the stream
-//! broke, `DEADLINE_EXCEEDED` when the reply did not come in time).
-//!
-//! The stream is opened on first use and reopened on the first call after it broke (the peer
-//! restarted, the connection dropped, the peer stopped serving). A broken stream fails every call
-//! waiting on it at once. Messages over [`MAX_PIPED`] bytes take a unary call of their own:
-//! one long message on the shared stream would hold up every shard's heartbeats behind it.
+//! The calls on the stream are [`crate::mux`]'s: each carries an id its reply echoes, so a shard
+//! whose follower is waiting for an fsync holds up nobody else's messages, and a broken stream
+//! is reopened by the next call. Messages over [`MAX_PIPED`] bytes take a unary call of their
+//! own: one long message on the shared stream would hold up every shard's heartbeats behind it.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::ReceiverStream;
+use futures::FutureExt;
 use tonic::transport::Channel;
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Status};
 
-use crate::pb::cluster_client::ClusterClient;
+use crate::mux::Mux;
 use crate::pb::{RaftReply, RaftRequest, RaftStreamReply};
 use crate::peers::cluster_client;
 use crate::raft::NodeId;
 
 /// Larger messages go as unary calls (see the module docs).
 pub const MAX_PIPED: usize = 256 * 1024;
-/// Messages queued for the stream before callers wait (HTTP/2 flow control is behind it).
-const QUEUE: usize = 1024;
 
 /// The pipe to one peer. Cheap to share: every shard's network uses the same one.
 pub struct RaftPipe {
     target: NodeId,
     channel: Channel,
-    next_id: AtomicU64,
-    /// The open stream, if any. Opening happens under this lock, so concurrent callers share one.
-    open: tokio::sync::Mutex<Option<Pipe>>,
-}
-
-/// One open stream: the sending half, and the calls waiting for replies (shared with the task
-/// that reads them).
-struct Pipe {
-    tx: mpsc::Sender<RaftRequest>,
-    waiting: Arc<Waiting>,
-}
-
-#[derive(Default)]
-struct Waiting {
-    inner: Mutex<WaitingInner>,
-}
-
-#[derive(Default)]
-struct WaitingInner {
-    /// Why the stream ended; no call may wait on it after that.
-    broken: Option<String>,
-    calls: HashMap<u64, oneshot::Sender<Result<RaftReply, Status>>>,
-}
-
-impl Waiting {
-    fn lock(&self) -> MutexGuard<'_, WaitingInner> {
-        // Nothing panics while holding it; a poisoned map is still consistent.
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Marks the stream broken and fails every waiting call.
-    fn fail_all(&self, why: String) {
-        let calls = {
-            let mut w = self.lock();
-            w.broken.get_or_insert(why.clone());
-            std::mem::take(&mut w.calls)
-        };
-        for (_, call) in calls {
-            let _ = call.send(Err(Status::unavailable(why.clone())));
-        }
-    }
-
-    fn is_broken(&self) -> bool {
-        self.lock().broken.is_some()
-    }
-}
-
-/// Forgets a call that stopped waiting (timed out or was dropped), so its slot does not stay.
-struct Registered<'a> {
-    waiting: &'a Waiting,
-    id: u64,
-}
-
-impl Drop for Registered<'_> {
-    fn drop(&mut self) {
-        self.waiting.lock().calls.remove(&self.id);
-    }
+    mux: Mux<RaftRequest, RaftStreamReply>,
 }
 
 impl RaftPipe {
     pub fn new(target: NodeId, channel: Channel) -> RaftPipe {
+        let ch = channel.clone();
+        let mux = Mux::new(
+            format!("the raft stream to node {target}"),
+            format!("node {target}"),
+            Box::new(move |requests| {
+                let mut client = cluster_client(ch.clone());
+                async move { Ok(client.raft_stream(requests).await?.into_inner()) }.boxed()
+            }),
+        );
         RaftPipe {
             target,
             channel,
-            next_id: AtomicU64::new(1),
-            open: tokio::sync::Mutex::new(None),
+            mux,
         }
-    }
-
-    fn client(&self) -> ClusterClient<Channel> {
-        cluster_client(self.channel.clone())
-    }
-
-    fn closed(&self) -> String {
-        format!("the raft stream to node {} closed", self.target)
     }
 
     /// Sends `req` and waits at most `timeout` for the peer's reply.
@@ -123,88 +55,13 @@ impl RaftPipe {
         if req.payload.len() > MAX_PIPED {
             let mut request = tonic::Request::new(req);
             request.set_timeout(timeout);
-            return self.client().raft(request).await.map(|r| r.into_inner());
+            return cluster_client(self.channel.clone())
+                .raft(request)
+                .await
+                .map(|r| r.into_inner());
         }
-        match tokio::time::timeout(timeout, self.piped(req)).await {
-            Ok(r) => r,
-            Err(_) => Err(Status::deadline_exceeded(format!(
-                "node {} did not answer within {timeout:?}",
-                self.target
-            ))),
-        }
+        into_result(self.target, self.mux.call(req, timeout).await?)
     }
-
-    async fn piped(&self, mut req: RaftRequest) -> Result<RaftReply, Status> {
-        let (tx, waiting) = self.stream().await?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        req.id = id;
-        let (done, reply) = oneshot::channel();
-        {
-            let mut w = waiting.lock();
-            if let Some(why) = &w.broken {
-                return Err(Status::unavailable(why.clone()));
-            }
-            w.calls.insert(id, done);
-        }
-        let _registered = Registered {
-            waiting: &waiting,
-            id,
-        };
-        if tx.send(req).await.is_err() {
-            // The request stream's receiver is gone: hyper dropped the stream.
-            waiting.fail_all(self.closed());
-        }
-        reply
-            .await
-            .unwrap_or_else(|_| Err(Status::unavailable(self.closed())))
-    }
-
-    /// The open stream, opening one if there is none or the last one broke.
-    async fn stream(&self) -> Result<(mpsc::Sender<RaftRequest>, Arc<Waiting>), Status> {
-        let mut open = self.open.lock().await;
-        if let Some(p) = open.as_ref() {
-            if !p.waiting.is_broken() {
-                return Ok((p.tx.clone(), p.waiting.clone()));
-            }
-        }
-        // Dropping the broken pipe's sender ends its request stream.
-        *open = None;
-        let (tx, rx) = mpsc::channel(QUEUE);
-        let replies = self
-            .client()
-            .raft_stream(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        let waiting = Arc::new(Waiting::default());
-        tokio::spawn(read_replies(self.target, replies, waiting.clone()));
-        *open = Some(Pipe {
-            tx: tx.clone(),
-            waiting: waiting.clone(),
-        });
-        Ok((tx, waiting))
-    }
-}
-
-/// Hands each reply to the call waiting for it, until the stream ends.
-async fn read_replies(
-    target: NodeId,
-    mut replies: Streaming<RaftStreamReply>,
-    waiting: Arc<Waiting>,
-) {
-    let why = loop {
-        match replies.message().await {
-            Ok(Some(r)) => {
-                let call = waiting.lock().calls.remove(&r.id);
-                // No caller: it gave up waiting; the reply is dropped.
-                if let Some(call) = call {
-                    let _ = call.send(into_result(target, r));
-                }
-            }
-            Ok(None) => break format!("node {target} ended the raft stream"),
-            Err(s) => break format!("the raft stream to node {target} broke: {}", s.message()),
-        }
-    };
-    waiting.fail_all(why);
 }
 
 /// A stream reply as the unary call's result.
@@ -261,17 +118,5 @@ mod tests {
             message: String::new(),
         };
         assert_eq!(into_result(2, empty).unwrap_err().code(), Code::Internal);
-    }
-
-    #[tokio::test]
-    async fn a_broken_stream_fails_its_waiting_calls_and_takes_no_more() {
-        let w = Waiting::default();
-        let (tx, rx) = oneshot::channel();
-        w.lock().calls.insert(1, tx);
-        w.fail_all("gone".into());
-        let e = rx.await.expect("answered").unwrap_err();
-        assert_eq!(e.code(), Code::Unavailable);
-        assert!(w.is_broken());
-        assert!(w.lock().calls.is_empty());
     }
 }
