@@ -180,6 +180,9 @@ common=(--duration "$DURATION" --warmup "$WARMUP" --value-size 256)
 # ---- the runs --------------------------------------------------------------------------------
 say "runs: ${DURATION}s measured after ${WARMUP}s warm-up each; results in $OUT"
 both write "${common[@]}" -w write --clients "$CLIENTS" --keys "$KEYS" --preload
+# kvstore's bench, like its client library, multiplexes requests on session streams; etcd's
+# client (and ours with --unary) makes one gRPC call per request. Both kvstore figures are shown.
+bench writeunary kvstore "${common[@]}" -w write --clients "$CLIENTS" --keys "$KEYS" --unary
 both read "${common[@]}" -w read --clients "$CLIENTS" --keys "$KEYS"
 # This disk's flush latency drifts for minutes at a time, and the single-client write follows it:
 # measure it on either side of those runs (4 KiB O_DSYNC writes, where the nodes keep their data).
@@ -250,6 +253,7 @@ row write1 "write, 1 client"
 row mixed "mixed 50/50, $CLIENTS clients, $KEYS keys"
 row mixedbig "mixed 50/50, $CLIENTS clients, $big keys"
 echo
+echo "writes, $CLIENTS clients, kvstore with --unary (one gRPC call per request, as etcd's client makes): $(field writeunary.kvstore .ops_per_sec) ops/s, $(ratio "$(field writeunary.kvstore .ops_per_sec)" "$(field write.etcd .ops_per_sec)")x etcd, p50/p99 $(field writeunary.kvstore .latency_ms.p50)/$(field writeunary.kvstore .latency_ms.p99) ms"
 echo "preload ($KEYS keys, 128 writers): kvstore $(field write.kvstore .preload.keys_per_sec | xargs printf '%.0f') keys/s, etcd $(field write.etcd .preload.keys_per_sec | xargs printf '%.0f') keys/s"
 echo "preload ($big keys, 256 writers): kvstore $(field mixedbig.kvstore .preload.seconds) s, etcd $(field mixedbig.etcd .preload.seconds) s"
 echo "RSS under load (peak of the 3 nodes, MB): kvstore $(for n in write read mixed mixedbig; do printf '%s=%s ' "$n" "$(peak_mb "$n.kvstore")"; done)"

@@ -329,6 +329,8 @@ pub struct Served<T> {
 
 pub struct Client {
     endpoints: Vec<(String, Channel)>,
+    /// Per endpoint, the session its puts, gets and deletes go on.
+    sessions: Vec<Session>,
     timeout: Duration,
     current: AtomicUsize,
     routes: Arc<Routes>,
@@ -350,6 +352,10 @@ impl Client {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Client {
             routes: Arc::new(Routes::new(endpoints.len())),
+            sessions: endpoints
+                .iter()
+                .map(|(e, c)| Session::new(e, c.clone()))
+                .collect(),
             endpoints,
             timeout,
             current: AtomicUsize::new(0),
@@ -387,30 +393,27 @@ impl Client {
 
     /// Runs `f` against endpoints, starting with `start`, until one answers. `key`: learn its
     /// shard's leader from the reply's headers.
-    async fn with_failover<T, F, Fut>(
-        &self,
+    async fn with_failover<'a, T, F, Fut>(
+        &'a self,
         write: bool,
         start: usize,
         key: Option<&[u8]>,
         f: F,
     ) -> Result<Served<T>, ClientError>
     where
-        F: Fn(KeyValueClient<Channel>, ClusterClient<Channel>) -> Fut,
-        Fut: std::future::Future<Output = Result<((T, u64), MetadataMap), tonic::Status>>,
+        F: Fn(&'a Session, ClusterClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<((T, u64), RouteHint), tonic::Status>>,
     {
         let mut errors = Vec::new();
         for i in 0..self.endpoints.len() {
             let idx = (start + i) % self.endpoints.len();
             let (endpoint, ch) = &self.endpoints[idx];
-            let kv = KeyValueClient::new(ch.clone())
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE);
             let cl = ClusterClient::new(ch.clone()).max_decoding_message_size(MAX_MESSAGE);
-            match f(kv, cl).await {
-                Ok(((value, node_id), md)) => {
+            match f(&self.sessions[idx], cl).await {
+                Ok(((value, node_id), hint)) => {
                     self.current.store(idx, Ordering::Relaxed);
                     if let Some(k) = key {
-                        self.routes.learn(k, &RouteHint::from_headers(&md));
+                        self.routes.learn(k, &hint);
                     }
                     return Ok(Served {
                         value,
@@ -440,16 +443,16 @@ impl Client {
 
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<Served<()>, ClientError> {
         let start = self.first_endpoint(Some(key));
-        self.with_failover(true, start, Some(key), |mut kv, _| {
-            let req = self.request(PutRequest {
+        self.with_failover(true, start, Some(key), |session, _| {
+            let op = session_request::Op::Put(PutRequest {
                 key: key.to_vec(),
                 value: value.to_vec(),
             });
             async move {
-                kv.put(req).await.map(|r| {
-                    let (md, r, _) = r.into_parts();
-                    (((), r.node_id), md)
-                })
+                match session.call(op, self.timeout).await? {
+                    (session_reply::Result::Put(r), hint) => Ok((((), r.node_id), hint)),
+                    (other, _) => Err(unexpected("put", &other)),
+                }
             }
         })
         .await
@@ -461,19 +464,21 @@ impl Client {
         stale: bool,
     ) -> Result<Served<Option<Vec<u8>>>, ClientError> {
         // A stale read is served by the replica it reaches: not routed to the leader (and its
-        // reply has no routing headers).
+        // reply has no routing fields).
         let routed = (!stale).then_some(key);
         let start = self.first_endpoint(routed);
-        self.with_failover(false, start, routed, |mut kv, _| {
-            let req = self.request(GetRequest {
+        self.with_failover(false, start, routed, |session, _| {
+            let op = session_request::Op::Get(GetRequest {
                 key: key.to_vec(),
                 stale,
             });
             async move {
-                kv.get(req).await.map(|r| {
-                    let (md, r, _) = r.into_parts();
-                    ((r.found.then_some(r.value), r.node_id), md)
-                })
+                match session.call(op, self.timeout).await? {
+                    (session_reply::Result::Get(r), hint) => {
+                        Ok(((r.found.then_some(r.value), r.node_id), hint))
+                    }
+                    (other, _) => Err(unexpected("get", &other)),
+                }
             }
         })
         .await
@@ -482,13 +487,13 @@ impl Client {
     /// Returns whether the key existed.
     pub async fn delete(&self, key: &[u8]) -> Result<Served<bool>, ClientError> {
         let start = self.first_endpoint(Some(key));
-        self.with_failover(true, start, Some(key), |mut kv, _| {
-            let req = self.request(DeleteRequest { key: key.to_vec() });
+        self.with_failover(true, start, Some(key), |session, _| {
+            let op = session_request::Op::Delete(DeleteRequest { key: key.to_vec() });
             async move {
-                kv.delete(req).await.map(|r| {
-                    let (md, r, _) = r.into_parts();
-                    ((r.deleted, r.node_id), md)
-                })
+                match session.call(op, self.timeout).await? {
+                    (session_reply::Result::Delete(r), hint) => Ok(((r.deleted, r.node_id), hint)),
+                    (other, _) => Err(unexpected("delete", &other)),
+                }
             }
         })
         .await
@@ -501,14 +506,24 @@ impl Client {
             let req = self.request(StatusRequest {});
             async move {
                 cl.status(req).await.map(|r| {
-                    let (md, r, _) = r.into_parts();
+                    let r = r.into_inner();
                     let id = r.node_id;
-                    ((r, id), md)
+                    ((r, id), RouteHint::default())
                 })
             }
         })
         .await
     }
+}
+
+/// A reply of the wrong kind: the node broke the protocol, and what it did is not known.
+fn unexpected(what: &str, got: &session_reply::Result) -> tonic::Status {
+    let got = match got {
+        session_reply::Result::Put(_) => "put",
+        session_reply::Result::Get(_) => "get",
+        session_reply::Result::Delete(_) => "delete",
+    };
+    tonic::Status::internal(format!("the node answered a {what} with a {got} reply"))
 }
 
 /// Whether a failed call suggests the endpoint itself is unreachable (as opposed to the node

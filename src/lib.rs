@@ -15,7 +15,8 @@
 //! [`peers`] (connections), [`heartbeat`] (who is up), [`recover`] (streaming a shard's state to a
 //! node that lost it), [`node`] (start-up and shutdown), [`read_index`] and [`lease`]
 //! (linearizable reads: shared quorum rounds, or the leader's lease), [`client`] (what `kvctl`
-//! and the tests use), [`telemetry`] (journald or stderr).
+//! and the tests use), [`mux`] (many calls on one gRPC stream: client sessions, the Raft
+//! stream), [`telemetry`] (journald or stderr).
 
 // tonic::Status and openraft::StorageError are the errors these layers speak; boxing them at every
 // boundary would add allocations for no reader's benefit.

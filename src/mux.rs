@@ -120,8 +120,13 @@ impl<Rep> Drop for Registered<'_, Rep> {
     }
 }
 
-/// `s`, marked as certainly not executed.
+/// `s`, marked as certainly not executed. A failure to connect already counts as that (see
+/// [`crate::router::not_executed`]) and stays unmarked: a client takes an unmarked `UNAVAILABLE`
+/// as a sign that the endpoint is down.
 fn not_sent(mut s: Status) -> Status {
+    if crate::router::not_executed(&s) {
+        return s;
+    }
     s.metadata_mut().insert(
         crate::router::NOT_EXECUTED,
         tonic::metadata::MetadataValue::from_static("1"),
