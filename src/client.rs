@@ -38,7 +38,7 @@ use crate::pb::{
 };
 use crate::peers::{channel, MAX_MESSAGE};
 use crate::placement::shard_for_key;
-use crate::router::{LEADER_HINT, NOT_EXECUTED, SHARDS_HEADER, SHARD_HEADER};
+use crate::router::{FORWARDED, LEADER_HINT, NOT_EXECUTED, SHARDS_HEADER, SHARD_HEADER};
 
 /// After an endpoint failed to answer, requests are not routed to it for this long.
 const AVOID_FAILED: Duration = Duration::from_secs(1);
@@ -243,15 +243,42 @@ pub struct Session {
 }
 
 impl Session {
+    /// A client's session with the node at `endpoint`.
     pub fn new(endpoint: &str, channel: Channel) -> Session {
-        let mux = Mux::new(
+        Session::open(
             format!("the session with {endpoint}"),
             endpoint.to_string(),
+            channel,
+            false,
+        )
+    }
+
+    /// The session on which a node forwards its clients' requests to peer `peer`: opened with
+    /// the `kv-forwarded` header, so the peer serves each request as the shard's leader or
+    /// answers "not leader", never forwarding it again (see [`crate::router`]).
+    pub fn forwarding(peer: u64, channel: Channel) -> Session {
+        Session::open(
+            format!("the forwarding session to node {peer}"),
+            format!("node {peer}"),
+            channel,
+            true,
+        )
+    }
+
+    fn open(what: String, peer: String, channel: Channel, forwarded: bool) -> Session {
+        let mux = Mux::new(
+            what,
+            peer,
             Box::new(move |requests| {
                 let mut kv = KeyValueClient::new(channel.clone())
                     .max_decoding_message_size(MAX_MESSAGE)
                     .max_encoding_message_size(MAX_MESSAGE);
-                async move { Ok(kv.session(requests).await?.into_inner()) }.boxed()
+                let mut req = tonic::Request::new(requests);
+                if forwarded {
+                    req.metadata_mut()
+                        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+                }
+                async move { Ok(kv.session(req).await?.into_inner()) }.boxed()
             }),
         );
         Session { mux }

@@ -1,11 +1,13 @@
 //! Connections to the other nodes: one lazily-connected HTTP/2 channel per peer, shared by every
-//! shard's Raft traffic, heartbeats, recovery streams and forwarded client requests.
+//! shard's Raft traffic, heartbeats, recovery streams and forwarded client requests (the Raft
+//! messages and the forwarded requests each on one long-lived stream, see [`crate::mux`]).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
+use crate::client::Session;
 use crate::config::Config;
 use crate::pb::cluster_client::ClusterClient;
 use crate::pb::key_value_client::KeyValueClient;
@@ -25,6 +27,8 @@ pub struct Peer {
     channel: Channel,
     /// Every shard's Raft messages to this peer, on one stream over `channel`.
     raft: RaftPipe,
+    /// Clients' requests this node forwards to this peer, on one stream over `channel`.
+    forward: Session,
 }
 
 pub struct Peers {
@@ -64,6 +68,7 @@ impl Peers {
                     id: n.id,
                     addr: n.addr.clone(),
                     raft: RaftPipe::new(n.id, channel.clone()),
+                    forward: Session::forwarding(n.id, channel.clone()),
                     channel,
                 },
             );
@@ -77,6 +82,11 @@ impl Peers {
 
     pub fn raft(&self, id: NodeId) -> Option<&RaftPipe> {
         self.map.get(&id).map(|p| &p.raft)
+    }
+
+    /// The session on which clients' requests are forwarded to `id`.
+    pub fn forward(&self, id: NodeId) -> Option<&Session> {
+        self.map.get(&id).map(|p| &p.forward)
     }
 
     pub fn kv(&self, id: NodeId) -> Option<KeyValueClient<Channel>> {

@@ -1,9 +1,9 @@
 //! Routing a client request to the shard's leader: any node accepts any key.
 //!
 //! The node that receives a request executes it locally when it leads the key's shard; otherwise
-//! it forwards it to the leader it knows of — exactly one hop, marked with the `kv-forwarded`
-//! header so the receiver never forwards again but answers "not leader" with a hint
-//! (`kv-leader`). The origin retries with the hint, or with backoff while a new leader is being
+//! it forwards it to the leader it knows of — exactly one hop, on a stream opened with the
+//! `kv-forwarded` header (one per peer, [`crate::client::Session::forwarding`]) so the receiver
+//! never forwards again but answers "not leader" with a hint (`kv-leader`). The origin retries with the hint, or with backoff while a new leader is being
 //! elected, until the request's deadline: a client sees success, not an error, when an owner dies.
 //!
 //! A write is retried only when the failed attempt surely did not execute: the node was not the
@@ -292,59 +292,47 @@ impl Node {
         }
     }
 
+    /// Forwards `op` to `target` on this node's forwarding session with it (one long-lived
+    /// stream per peer, see [`crate::client::Session::forwarding`]); the peer answers as the
+    /// shard's leader or refuses with "not leader" and a hint. Errors are the statuses the unary
+    /// call would have failed with, with the same markers.
     async fn exec_remote(
         &self,
         target: NodeId,
         op: &Op,
         deadline: Instant,
     ) -> Result<(Outcome, NodeId), Status> {
-        let mut client = self
+        use crate::pb::session_reply::Result as R;
+        use crate::pb::session_request::Op as O;
+        let session = self
             .peers
-            .kv(target)
-            .ok_or_else(|| Status::unavailable(format!("node {target} is not in the config")))?;
+            .forward(target)
+            .ok_or_else(|| unavailable(format!("node {target} is not in the config")))?;
         let remaining = deadline.saturating_duration_since(Instant::now());
-        fn req<T>(msg: T, remaining: Duration) -> tonic::Request<T> {
-            let mut r = tonic::Request::new(msg);
-            r.set_timeout(remaining);
-            r.metadata_mut()
-                .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-            r
-        }
-        match op {
-            Op::Put { key, value } => {
-                let r = client
-                    .put(req(
-                        PutRequest {
-                            key: key.clone(),
-                            value: value.clone(),
-                        },
-                        remaining,
-                    ))
-                    .await?
-                    .into_inner();
-                Ok((Outcome::Put, r.node_id))
-            }
-            Op::Delete { key } => {
-                let r = client
-                    .delete(req(DeleteRequest { key: key.clone() }, remaining))
-                    .await?
-                    .into_inner();
+        let req = match op {
+            Op::Put { key, value } => O::Put(PutRequest {
+                key: key.clone(),
+                value: value.clone(),
+            }),
+            Op::Delete { key } => O::Delete(DeleteRequest { key: key.clone() }),
+            Op::Get { key, stale } => O::Get(GetRequest {
+                key: key.clone(),
+                stale: *stale,
+            }),
+        };
+        let (result, _) = session.call(req, remaining).await?;
+        match (op, result) {
+            (Op::Put { .. }, R::Put(r)) => Ok((Outcome::Put, r.node_id)),
+            (Op::Delete { .. }, R::Delete(r)) => {
                 Ok((Outcome::Delete { existed: r.deleted }, r.node_id))
             }
-            Op::Get { key, stale } => {
-                let r = client
-                    .get(req(
-                        GetRequest {
-                            key: key.clone(),
-                            stale: *stale,
-                        },
-                        remaining,
-                    ))
-                    .await?
-                    .into_inner();
+            (Op::Get { .. }, R::Get(r)) => {
                 let value = r.found.then_some(r.value);
                 Ok((Outcome::Get { value }, r.node_id))
             }
+            _ => Err(Status::internal(format!(
+                "node {target} answered a forwarded request with a reply of another kind"
+            ))),
         }
     }
 

@@ -423,25 +423,25 @@ impl KeyValueService {
     }
 
     /// Serves one request of a session and tags the reply with its id.
-    async fn session_one(&self, req: pb::SessionRequest) -> pb::SessionReply {
+    /// `forwarded`: the session is a peer's forwarding session (opened with `kv-forwarded`).
+    async fn session_one(&self, req: pb::SessionRequest, forwarded: bool) -> pb::SessionReply {
         use pb::session_reply::Result as R;
         use pb::session_request::Op as O;
         let deadline = within(
             &self.node,
             (req.timeout_ms > 0).then(|| Duration::from_millis(u64::from(req.timeout_ms))),
         );
-        // Clients' sessions are never forwarded: forwarding between nodes is unary.
         let outcome = match req.op {
             Some(O::Put(r)) => self
-                .do_put(r, deadline, false)
+                .do_put(r, deadline, forwarded)
                 .await
                 .map(|(m, route)| (R::Put(m), route)),
             Some(O::Get(r)) => self
-                .do_get(r, deadline, false)
+                .do_get(r, deadline, forwarded)
                 .await
                 .map(|(m, route)| (R::Get(m), route)),
             Some(O::Delete(r)) => self
-                .do_delete(r, deadline, false)
+                .do_delete(r, deadline, forwarded)
                 .await
                 .map(|(m, route)| (R::Delete(m), route)),
             None => Err(Status::invalid_argument(
@@ -525,18 +525,20 @@ impl pb::key_value_server::KeyValue for KeyValueService {
     type SessionStream = SessionStream;
 
     /// A client's many requests on one stream: served like `RaftStream` (see [`serve_stream`]),
-    /// each exactly as its unary call.
+    /// each exactly as its unary call. A session opened with `kv-forwarded` is a peer's
+    /// forwarding session: each of its requests is served as a forwarded unary call is.
     async fn session(
         &self,
         req: Request<tonic::Streaming<pb::SessionRequest>>,
     ) -> Result<Response<SessionStream>, Status> {
-        refuse_if_draining(&self.node, false)?;
+        let fwd = forwarded(&req);
+        refuse_if_draining(&self.node, fwd)?;
         let service = Arc::new(KeyValueService {
             node: self.node.clone(),
         });
         serve_stream(&self.node, req.into_inner(), move |r| {
             let service = service.clone();
-            async move { service.session_one(r).await }
+            async move { service.session_one(r, fwd).await }
         })
         .map(Response::new)
     }

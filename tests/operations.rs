@@ -230,6 +230,89 @@ fn a_session_serves_requests_as_their_unary_calls() {
     });
 }
 
+/// Nodes forward clients' requests to each other on a session opened with `kv-forwarded`
+/// (`Session::forwarding`): the receiver executes what it leads and refuses the rest as "not
+/// leader" (not executed, with a hint), never forwarding it again, and a client's session on the
+/// same node, without the header, is routed as usual.
+#[test]
+fn a_forwarding_session_executes_only_what_its_node_leads() {
+    use kvstore::pb::{session_reply::Result as R, session_request::Op};
+    use kvstore::pb::{GetRequest, PutRequest};
+    rt().block_on(async {
+        let c = Cluster::start(3, "").await;
+        let t = Duration::from_secs(10);
+        let put = |k: &str, v: &str| {
+            Op::Put(PutRequest {
+                key: k.into(),
+                value: v.into(),
+            })
+        };
+        let ch = |i: usize| kvstore::peers::channel(&c.addrs[i], t).expect("channel");
+        let client = kvstore::client::Session::new(&c.addrs[0], ch(0));
+        let forwarding = kvstore::client::Session::forwarding(0, ch(0));
+
+        // Which node leads a key's shard, by the client's session (node 0 routes it to the
+        // leader, whose id the reply names). Leadership can move between that probe and the
+        // forwarded call (a rebalance), so each case is retried on a fresh probe; what must
+        // never happen is node 0 executing a forwarded request elsewhere.
+        let probe = |k: String| {
+            let client = &client;
+            async move {
+                let (_, hint) = client.call(put(&k, "old"), t).await.expect("routed put");
+                (k, hint.leader.expect("a put's reply names its leader"))
+            }
+        };
+        let (mut mine, mut refused) = (None, None);
+        for k in 0..400 {
+            if mine.is_some() && refused.is_some() {
+                break;
+            }
+            let (key, leader) = probe(format!("f/{k}")).await;
+            match forwarding.call(put(&key, "new"), t).await {
+                Ok((R::Put(p), _)) => {
+                    assert_eq!(
+                        p.node_id, 0,
+                        "a forwarded put of {key} went on to another node"
+                    );
+                    mine = mine.or(Some(key));
+                }
+                Ok(r) => panic!("{r:?}"),
+                Err(e) if leader == 0 => eprintln!("{key}: leadership moved: {e:?}"),
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                    assert!(kvstore::router::not_executed(&e), "{e:?}");
+                    let hint = e
+                        .metadata()
+                        .get(kvstore::router::LEADER_HINT)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    assert_ne!(hint, Some(0), "{e:?}");
+                    assert!(
+                        hint.is_some(),
+                        "a not-leader refusal names the leader: {e:?}"
+                    );
+                    refused = refused.or(Some(key));
+                }
+            }
+        }
+        let mine = mine.expect("node 0 executed a forwarded put of a shard it leads");
+        let other = refused.expect("node 0 refused a forwarded put of a shard it does not lead");
+
+        let get = |k: &str| {
+            Op::Get(GetRequest {
+                key: k.into(),
+                stale: false,
+            })
+        };
+        for (key, want) in [(&mine, "new"), (&other, "old")] {
+            match client.call(get(key), t).await.expect("get") {
+                (R::Get(g), _) => assert_eq!(g.value, want.as_bytes(), "{key}"),
+                r => panic!("{r:?}"),
+            }
+        }
+    });
+}
+
 #[test]
 fn kvctl_exit_codes_and_output() {
     rt().block_on(async {
