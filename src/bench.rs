@@ -1030,6 +1030,15 @@ pub async fn bench(
         let _ = t.await;
     }
     stop_progress(progress);
+    for (i, c) in conns.iter().enumerate() {
+        if matches!(c, Conn::Session(s) if s.is_unary()) {
+            eprintln!(
+                "kvctl bench: {} does not serve Session (a kvnode before it): requests on that \
+                 connection went as unary calls",
+                endpoints[i % endpoints.len()]
+            );
+        }
+    }
 
     let secs = args.duration;
     let (get, get_errors) = std::mem::take(&mut *run.get.lock().unwrap_or_else(|e| e.into_inner()));

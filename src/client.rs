@@ -238,9 +238,35 @@ impl RouteHint {
 
 /// Requests to one node on one `kv.v1.KeyValue/Session` stream (see [`crate::mux`]): each
 /// behaves as its unary call, without the call's HTTP/2 stream and headers.
+///
+/// A node of a release before `Session` answers the stream with `UNIMPLEMENTED` (before it
+/// reads any request). The session then sends its requests as unary calls instead, and tries
+/// the stream again after [`REPROBE_STREAM`] (the node may have been upgraded): a new client
+/// works against an older cluster, and a node forwards to an older peer.
 pub struct Session {
     mux: Mux<SessionRequest, SessionReply>,
+    channel: Channel,
+    forwarded: bool,
+    mode: std::sync::Mutex<Mode>,
+    /// `mode` is `Stream`: read without the lock on every call.
+    streaming: std::sync::atomic::AtomicBool,
 }
+
+/// How a [`Session`] sends its requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Not known yet whether the node serves the stream: a request is kept until it is, in case
+    /// it has to go as a unary call.
+    Probing,
+    /// A stream has answered: requests go on it.
+    Stream,
+    /// The node does not serve the stream: unary calls until then.
+    UnaryUntil(Instant),
+}
+
+/// How long a [`Session`] sends unary calls to a node that refused the stream, before it tries
+/// the stream again.
+pub const REPROBE_STREAM: Duration = Duration::from_secs(30);
 
 impl Session {
     /// A client's session with the node at `endpoint`.
@@ -266,27 +292,84 @@ impl Session {
     }
 
     fn open(what: String, peer: String, channel: Channel, forwarded: bool) -> Session {
+        let stream_channel = channel.clone();
         let mux = Mux::new(
             what,
             peer,
             Box::new(move |requests| {
-                let mut kv = KeyValueClient::new(channel.clone())
-                    .max_decoding_message_size(MAX_MESSAGE)
-                    .max_encoding_message_size(MAX_MESSAGE);
-                let mut req = tonic::Request::new(requests);
-                if forwarded {
-                    req.metadata_mut()
-                        .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-                }
+                let mut kv = kv_client(stream_channel.clone());
+                let req = with_forwarded(tonic::Request::new(requests), forwarded);
                 async move { Ok(kv.session(req).await?.into_inner()) }.boxed()
             }),
         );
-        Session { mux }
+        Session {
+            mux,
+            channel,
+            forwarded,
+            mode: std::sync::Mutex::new(Mode::Probing),
+            streaming: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn mode(&self) -> Mode {
+        if self.streaming.load(Ordering::Relaxed) {
+            return Mode::Stream;
+        }
+        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(*m, Mode::UnaryUntil(t) if Instant::now() >= t) {
+            *m = Mode::Probing;
+        }
+        *m
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        let mut m = self.mode.lock().unwrap_or_else(|p| p.into_inner());
+        *m = mode;
+        self.streaming
+            .store(mode == Mode::Stream, Ordering::Relaxed);
+    }
+
+    /// Whether requests go as unary calls for now (the node refused the stream).
+    pub fn is_unary(&self) -> bool {
+        matches!(self.mode(), Mode::UnaryUntil(_))
     }
 
     /// Sends `op` and waits at most `timeout` for its outcome: the reply, or the status its
     /// unary call would have failed with (with the `kv-not-executed` and `kv-leader` markers).
     pub async fn call(
+        &self,
+        op: session_request::Op,
+        timeout: Duration,
+    ) -> Result<(session_reply::Result, RouteHint), tonic::Status> {
+        let started = Instant::now();
+        let kept = match self.mode() {
+            Mode::UnaryUntil(_) => return self.call_unary(op, timeout).await,
+            Mode::Stream => None,
+            Mode::Probing => Some(op.clone()),
+        };
+        match self.call_stream(op, timeout).await {
+            Err(s) if refused_stream(&s) => {
+                self.set_mode(Mode::UnaryUntil(Instant::now() + REPROBE_STREAM));
+                match kept {
+                    Some(op) => {
+                        let left = timeout.saturating_sub(started.elapsed());
+                        self.call_unary(op, left).await
+                    }
+                    // Not executed: the caller may send it again, and it will go unary.
+                    None => Err(s),
+                }
+            }
+            Err(s) => Err(s),
+            Ok(r) => {
+                if kept.is_some() {
+                    self.set_mode(Mode::Stream);
+                }
+                Ok(r)
+            }
+        }
+    }
+
+    async fn call_stream(
         &self,
         op: session_request::Op,
         timeout: Duration,
@@ -318,6 +401,54 @@ impl Session {
             )),
         }
     }
+
+    /// `op` as its unary call: the same request, deadline and `kv-forwarded` header; the
+    /// routing fields from the reply's headers.
+    async fn call_unary(
+        &self,
+        op: session_request::Op,
+        timeout: Duration,
+    ) -> Result<(session_reply::Result, RouteHint), tonic::Status> {
+        use session_reply::Result as R;
+        use session_request::Op as O;
+        let mut kv = kv_client(self.channel.clone());
+        let fwd = self.forwarded;
+        fn req<T>(msg: T, timeout: Duration, forwarded: bool) -> tonic::Request<T> {
+            let mut r = with_forwarded(tonic::Request::new(msg), forwarded);
+            r.set_timeout(timeout);
+            r
+        }
+        fn split<T>(r: tonic::Response<T>, f: fn(T) -> R) -> (R, RouteHint) {
+            let hint = RouteHint::from_headers(r.metadata());
+            (f(r.into_inner()), hint)
+        }
+        Ok(match op {
+            O::Put(m) => split(kv.put(req(m, timeout, fwd)).await?, R::Put),
+            O::Get(m) => split(kv.get(req(m, timeout, fwd)).await?, R::Get),
+            O::Delete(m) => split(kv.delete(req(m, timeout, fwd)).await?, R::Delete),
+        })
+    }
+}
+
+/// A `kv.v1.KeyValue` client over `channel`, with the peers' message size limits.
+fn kv_client(channel: Channel) -> KeyValueClient<Channel> {
+    KeyValueClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE)
+}
+
+fn with_forwarded<T>(mut req: tonic::Request<T>, forwarded: bool) -> tonic::Request<T> {
+    if forwarded {
+        req.metadata_mut()
+            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+    }
+    req
+}
+
+/// The node does not serve `Session` (an older release): it refused the stream before reading
+/// any request.
+fn refused_stream(s: &tonic::Status) -> bool {
+    s.code() == Code::Unimplemented && crate::router::not_executed(s)
 }
 
 impl RoutesInner {
@@ -577,6 +708,174 @@ fn describe(s: &tonic::Status) -> String {
 mod tests {
     use super::*;
     use crate::pb::ShardStatus;
+
+    /// A node of a release before `Session`: unary calls only, counted.
+    #[derive(Default)]
+    struct OldNode {
+        data: std::sync::Mutex<HashMap<Vec<u8>, Vec<u8>>>,
+        streams: std::sync::atomic::AtomicUsize,
+        unary: std::sync::atomic::AtomicUsize,
+        forwarded: std::sync::atomic::AtomicUsize,
+    }
+
+    impl OldNode {
+        fn count<T>(&self, req: &tonic::Request<T>) {
+            self.unary.fetch_add(1, Ordering::Relaxed);
+            if req.metadata().contains_key(FORWARDED) {
+                self.forwarded.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        fn routed<T>(msg: T) -> tonic::Response<T> {
+            let mut r = tonic::Response::new(msg);
+            r.metadata_mut().insert(SHARD_HEADER, 3.into());
+            r.metadata_mut().insert(SHARDS_HEADER, 8.into());
+            r.metadata_mut().insert(LEADER_HINT, 1.into());
+            r
+        }
+    }
+
+    type Replies =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<SessionReply, tonic::Status>> + Send>>;
+
+    #[tonic::async_trait]
+    impl crate::pb::key_value_server::KeyValue for OldNode {
+        async fn put(
+            &self,
+            req: tonic::Request<PutRequest>,
+        ) -> Result<tonic::Response<crate::pb::PutResponse>, tonic::Status> {
+            self.count(&req);
+            let r = req.into_inner();
+            if r.key == b"refuse" {
+                let mut s = crate::router::unavailable("node 1 is not the leader".into());
+                s.metadata_mut().insert(LEADER_HINT, 2.into());
+                return Err(s);
+            }
+            self.data.lock().unwrap().insert(r.key, r.value);
+            Ok(OldNode::routed(crate::pb::PutResponse { node_id: 1 }))
+        }
+        async fn get(
+            &self,
+            req: tonic::Request<GetRequest>,
+        ) -> Result<tonic::Response<crate::pb::GetResponse>, tonic::Status> {
+            self.count(&req);
+            let v = self
+                .data
+                .lock()
+                .unwrap()
+                .get(&req.into_inner().key)
+                .cloned();
+            Ok(OldNode::routed(crate::pb::GetResponse {
+                found: v.is_some(),
+                value: v.unwrap_or_default(),
+                node_id: 1,
+            }))
+        }
+        async fn delete(
+            &self,
+            req: tonic::Request<DeleteRequest>,
+        ) -> Result<tonic::Response<crate::pb::DeleteResponse>, tonic::Status> {
+            self.count(&req);
+            let existed = self.data.lock().unwrap().remove(&req.into_inner().key);
+            Ok(OldNode::routed(crate::pb::DeleteResponse {
+                deleted: existed.is_some(),
+                node_id: 1,
+            }))
+        }
+        type SessionStream = Replies;
+        async fn session(
+            &self,
+            _: tonic::Request<tonic::Streaming<SessionRequest>>,
+        ) -> Result<tonic::Response<Replies>, tonic::Status> {
+            self.streams.fetch_add(1, Ordering::Relaxed);
+            // What tonic answers for a method the server does not have.
+            Err(tonic::Status::unimplemented("unknown method Session"))
+        }
+    }
+
+    /// Against a node that does not serve `Session`, a session sends its requests as unary
+    /// calls (results, routing headers, error markers and `kv-forwarded` as the stream would
+    /// carry them), stops asking for the stream, and asks again once `REPROBE_STREAM` is up.
+    #[tokio::test]
+    async fn a_session_falls_back_to_unary_calls_on_an_older_node() {
+        use session_reply::Result as R;
+        use session_request::Op;
+        let node = Arc::new(OldNode::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(crate::pb::key_value_server::KeyValueServer::from_arc(
+                    node.clone(),
+                ))
+                .serve_with_incoming(crate::server::incoming(listener, 16)),
+        );
+        let t = Duration::from_secs(10);
+        let ch = channel(&addr, t).unwrap();
+        let put = |k: &str, v: &str| {
+            Op::Put(PutRequest {
+                key: k.into(),
+                value: v.into(),
+            })
+        };
+        let counts = || {
+            (
+                node.streams.load(Ordering::Relaxed),
+                node.unary.load(Ordering::Relaxed),
+                node.forwarded.load(Ordering::Relaxed),
+            )
+        };
+
+        let session = Session::new(&addr, ch.clone());
+        assert!(!session.is_unary());
+        let (r, hint) = session.call(put("a", "1"), t).await.expect("put");
+        assert!(matches!(r, R::Put(ref p) if p.node_id == 1), "{r:?}");
+        assert_eq!(
+            (hint.shard, hint.shards, hint.leader),
+            (Some(3), 8, Some(1))
+        );
+        assert!(session.is_unary());
+        assert_eq!(
+            counts(),
+            (1, 1, 0),
+            "one stream refused, then the unary put"
+        );
+
+        let get = Op::Get(GetRequest {
+            key: b"a".to_vec(),
+            stale: false,
+        });
+        match session.call(get.clone(), t).await.expect("get") {
+            (R::Get(g), _) => assert!(g.found && g.value == b"1", "{g:?}"),
+            r => panic!("{r:?}"),
+        }
+        let del = Op::Delete(DeleteRequest { key: b"a".to_vec() });
+        match session.call(del, t).await.expect("delete") {
+            (R::Delete(d), _) => assert!(d.deleted),
+            r => panic!("{r:?}"),
+        }
+        assert_eq!(counts(), (1, 3, 0), "no stream asked for again");
+
+        let e = session
+            .call(put("refuse", "x"), t)
+            .await
+            .expect_err("refused put");
+        assert_eq!(e.code(), Code::Unavailable);
+        assert!(crate::router::not_executed(&e), "{e:?}");
+        assert_eq!(RouteHint::from_headers(e.metadata()).leader, Some(2));
+
+        // The time is up: the stream is asked for again (refused again), the call still served.
+        session.set_mode(Mode::UnaryUntil(Instant::now()));
+        session.call(get, t).await.expect("get after the re-probe");
+        assert_eq!(counts(), (2, 5, 0));
+
+        let forwarding = Session::forwarding(1, ch);
+        forwarding
+            .call(put("b", "2"), t)
+            .await
+            .expect("forwarded put");
+        assert_eq!(counts(), (3, 6, 1), "the unary call carries kv-forwarded");
+        server.abort();
+    }
 
     /// What a unary reply's headers say, parsed as the client parses them.
     fn reply_headers(shard: u32, shards: u32, leader: Option<u64>) -> RouteHint {

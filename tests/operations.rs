@@ -295,6 +295,10 @@ fn a_forwarding_session_executes_only_what_its_node_leads() {
                 }
             }
         }
+        assert!(
+            !forwarding.is_unary() && !client.is_unary(),
+            "both went on streams"
+        );
         let mine = mine.expect("node 0 executed a forwarded put of a shard it leads");
         let other = refused.expect("node 0 refused a forwarded put of a shard it does not lead");
 
