@@ -13,7 +13,9 @@
 //!
 //! The stream is opened on first use and reopened on the first call after it broke (the server
 //! restarted, the connection dropped, the server stopped serving). A broken stream fails every
-//! call waiting on it at once. A call that failed before its request was handed to a stream
+//! call waiting on it at once; when the server ended it with the `kv-not-executed` marker (a
+//! stopping node that answered every request it read, see `server::serve_stream`), those calls
+//! fail marked the same way. A call that failed before its request was handed to a stream
 //! (the stream could not be opened, or had already broken) carries the `kv-not-executed`
 //! marker ([`crate::router::NOT_EXECUTED`]): the server never saw it.
 
@@ -91,15 +93,17 @@ impl<Rep> Waiting<Rep> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Marks the stream broken and fails every waiting call.
-    fn fail_all(&self, why: String) {
+    /// Marks the stream broken and fails every waiting call: `UNAVAILABLE`, marked as not
+    /// executed when `not_executed` (the server said it read none of them).
+    fn fail_all(&self, why: String, not_executed: bool) {
         let calls = {
             let mut w = self.lock();
             w.broken.get_or_insert(why.clone());
             std::mem::take(&mut w.calls)
         };
         for (_, call) in calls {
-            let _ = call.send(Err(Status::unavailable(why.clone())));
+            let s = Status::unavailable(why.clone());
+            let _ = call.send(Err(if not_executed { not_sent(s) } else { s }));
         }
     }
 
@@ -181,8 +185,10 @@ where
             id,
         };
         if tx.send(req).await.is_err() {
-            // The request stream's receiver is gone: hyper dropped the stream.
-            waiting.fail_all(self.closed());
+            // The request stream's receiver is gone: hyper dropped the stream, and this request
+            // never left. The calls already on it learn their fate from its replies' end.
+            waiting.lock().broken.get_or_insert_with(|| self.closed());
+            return Err(not_sent(Status::unavailable(self.closed())));
         }
         reply
             .await
@@ -217,7 +223,7 @@ async fn read_replies<Rep: Echo>(
     mut replies: Streaming<Rep>,
     waiting: Arc<Waiting<Rep>>,
 ) {
-    let why = loop {
+    let (why, not_executed) = loop {
         match replies.message().await {
             Ok(Some(r)) => {
                 let call = waiting.lock().calls.remove(&r.id());
@@ -226,11 +232,17 @@ async fn read_replies<Rep: Echo>(
                     let _ = call.send(Ok(r));
                 }
             }
-            Ok(None) => break format!("{what} ended"),
-            Err(s) => break format!("{what} broke: {}", s.message()),
+            Ok(None) => break (format!("{what} ended"), false),
+            // The server ended the stream saying it read none of the requests still waiting
+            // (a stopping node, see server::serve_stream). Only its own marker counts: an error
+            // of the transport says nothing about which requests were read.
+            Err(s) if s.metadata().contains_key(crate::router::NOT_EXECUTED) => {
+                break (format!("{what} ended: {}", s.message()), true)
+            }
+            Err(s) => break (format!("{what} broke: {}", s.message()), false),
         }
     };
-    waiting.fail_all(why);
+    waiting.fail_all(why, not_executed);
 }
 
 impl Tagged for crate::pb::RaftRequest {
@@ -267,11 +279,23 @@ mod tests {
         let w = Waiting::<crate::pb::RaftStreamReply>::default();
         let (tx, rx) = oneshot::channel();
         w.lock().calls.insert(1, tx);
-        w.fail_all("gone".into());
+        w.fail_all("gone".into(), false);
         let e = rx.await.expect("answered").unwrap_err();
         assert_eq!(e.code(), Code::Unavailable);
+        assert!(
+            !crate::router::not_executed(&e),
+            "a broken stream says nothing"
+        );
         assert!(w.is_broken());
         assert!(w.lock().calls.is_empty());
+
+        // A stream its server ended saying it read none of the waiting requests.
+        let w = Waiting::<crate::pb::RaftStreamReply>::default();
+        let (tx, rx) = oneshot::channel();
+        w.lock().calls.insert(1, tx);
+        w.fail_all("stopping".into(), true);
+        let e = rx.await.expect("answered").unwrap_err();
+        assert!(crate::router::not_executed(&e));
     }
 
     #[test]

@@ -571,11 +571,12 @@ where
     let permits = Arc::new(tokio::sync::Semaphore::new(
         MAX_STREAMS_PER_CONNECTION as usize,
     ));
+    let me = node.id;
     tokio::spawn(async move {
         loop {
             let msg = tokio::select! {
                 m = requests.message() => m,
-                _ = stop.changed() => return,
+                _ = stop.changed() => break,
             };
             // A transport error ends the stream like its end does: the sender opens another.
             let Ok(Some(msg)) = msg else { return };
@@ -590,6 +591,19 @@ where
                 // of its requests read either.
                 drop(permit);
             });
+        }
+        // Stopping: no more requests are read. Once every permit is back, every request that
+        // was read has its reply queued; the stream then ends with a status that says the
+        // requests still without a reply were never read, so never executed (their senders may
+        // send them elsewhere, see crate::mux).
+        let all = MAX_STREAMS_PER_CONNECTION;
+        if let Ok(_all) = permits.acquire_many(all).await {
+            let _ = tx
+                .send(Err(unavailable(format!(
+                    "node {me} is stopping: it answered every request of this stream it read, \
+                     and read no other"
+                ))))
+                .await;
         }
     });
     Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))

@@ -477,6 +477,66 @@ fn stopping_node_refuses_clients_safely() {
     });
 }
 
+/// The same with sessions: writers that keep sending on their session with a node being
+/// stopped never see an outcome they cannot act on. Requests the node read are answered; it
+/// ends the stream telling that the rest were not executed, and refuses new streams as such.
+#[test]
+fn stopping_node_leaves_no_session_request_ambiguous() {
+    use kvstore::pb::{session_request::Op, PutRequest};
+    rt().block_on(async {
+        let mut c = Cluster::start(3, "").await;
+        let ch = kvstore::peers::channel(&c.addrs[0], Duration::from_secs(2)).expect("channel");
+        let session = std::sync::Arc::new(kvstore::client::Session::new(&c.addrs[0], ch));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..16)
+            .map(|w| {
+                let (session, stop) = (session.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let (mut ok, mut refused, mut ambiguous) = (0u32, 0u32, Vec::new());
+                    let mut i = 0u32;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let op = Op::Put(PutRequest {
+                            key: format!("sdrain-{w}-{}", i % 8).into_bytes(),
+                            value: b"v".to_vec(),
+                        });
+                        i += 1;
+                        match session.call(op, Duration::from_secs(5)).await {
+                            Ok(_) => ok += 1,
+                            Err(s) if kvstore::router::not_executed(&s) => {
+                                refused += 1;
+                                // Not executed, so safe to send again; do not spin on a dead node.
+                                tokio::time::sleep(Duration::from_millis(1)).await;
+                            }
+                            Err(s) => ambiguous.push(format!("{:?}: {}", s.code(), s.message())),
+                        }
+                    }
+                    (ok, refused, ambiguous)
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let status = tokio::task::block_in_place(|| c.stop(0));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let (mut ok, mut refused, mut ambiguous) = (0, 0, Vec::new());
+        for w in writers {
+            let (o, r, a) = w.await.expect("writer");
+            ok += o;
+            refused += r;
+            ambiguous.extend(a);
+        }
+        assert!(status.success(), "exit status {status:?}");
+        assert!(ok > 0, "no write went through before the stop");
+        assert!(refused > 0, "node 0 never refused a request while stopping");
+        assert!(
+            ambiguous.is_empty(),
+            "{} writes with an unknown outcome (of {ok} ok, {refused} refused): {:?}",
+            ambiguous.len(),
+            &ambiguous[..ambiguous.len().min(5)]
+        );
+    });
+}
+
 /// A restarted node refuses every vote for 2 × `election_timeout_ms`, then votes as Raft says.
 /// Before the restart it may have promised a leader not to vote for anyone that long, and leader
 /// leases (src/lease.rs) rely on the promise being kept; openraft 0.9.25 keeps it by stamping the
