@@ -347,8 +347,8 @@ impl Session {
             Mode::Stream => None,
             Mode::Probing => Some(op.clone()),
         };
-        match self.call_stream(op, timeout).await {
-            Err(s) if refused_stream(&s) => {
+        match (self.call_stream(op, timeout).await, kept) {
+            (Err(s), kept) if refused_stream(&s) => {
                 self.set_mode(Mode::UnaryUntil(Instant::now() + REPROBE_STREAM));
                 match kept {
                     Some(op) => {
@@ -359,13 +359,7 @@ impl Session {
                     None => Err(s),
                 }
             }
-            Err(s) => Err(s),
-            Ok(r) => {
-                if kept.is_some() {
-                    self.set_mode(Mode::Stream);
-                }
-                Ok(r)
-            }
+            (r, _) => r,
         }
     }
 
@@ -380,6 +374,9 @@ impl Session {
             op: Some(op),
         };
         let r = self.mux.call(req, timeout).await?;
+        if !self.streaming.load(Ordering::Relaxed) {
+            self.set_mode(Mode::Stream);
+        }
         if r.code != 0 {
             let mut s = tonic::Status::new(Code::from_i32(r.code), r.message);
             if r.not_executed {

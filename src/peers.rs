@@ -10,7 +10,6 @@ use tonic::transport::{Channel, Endpoint};
 use crate::client::Session;
 use crate::config::Config;
 use crate::pb::cluster_client::ClusterClient;
-use crate::pb::key_value_client::KeyValueClient;
 use crate::raft::pipe::RaftPipe;
 use crate::raft::NodeId;
 
@@ -87,14 +86,6 @@ impl Peers {
     /// The session on which clients' requests are forwarded to `id`.
     pub fn forward(&self, id: NodeId) -> Option<&Session> {
         self.map.get(&id).map(|p| &p.forward)
-    }
-
-    pub fn kv(&self, id: NodeId) -> Option<KeyValueClient<Channel>> {
-        self.map.get(&id).map(|p| {
-            KeyValueClient::new(p.channel.clone())
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE)
-        })
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Peer> {

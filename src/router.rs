@@ -3,8 +3,9 @@
 //! The node that receives a request executes it locally when it leads the key's shard; otherwise
 //! it forwards it to the leader it knows of — exactly one hop, on a stream opened with the
 //! `kv-forwarded` header (one per peer, [`crate::client::Session::forwarding`]) so the receiver
-//! never forwards again but answers "not leader" with a hint (`kv-leader`). The origin retries with the hint, or with backoff while a new leader is being
-//! elected, until the request's deadline: a client sees success, not an error, when an owner dies.
+//! never forwards again but answers "not leader" with a hint (`kv-leader`). The origin retries
+//! with the hint, or with backoff while a new leader is being elected, until the request's
+//! deadline: a client sees success, not an error, when an owner dies.
 //!
 //! A write is retried only when the failed attempt surely did not execute: the node was not the
 //! leader (openraft refuses before proposing, or reports a proposal truncated unapplied), or the
