@@ -564,3 +564,63 @@ fn a_node_dies_with_the_thread_that_started_it() {
         libc::waitpid(pid as i32, std::ptr::null_mut(), 0);
     }
 }
+
+/// `kvctl bench` against a real cluster, end to end: a preloaded 50/50 run and a stale-read run
+/// on unary calls, each reporting successful operations, no errors and ordered percentiles in
+/// its JSON; the preload wrote every key of the key space, with the requested value size.
+#[test]
+fn kvctl_bench_measures_a_cluster() {
+    rt().block_on(async {
+        let c = Cluster::start(3, "").await;
+        let run = |extra: &[&str]| {
+            let mut args = vec![
+                "bench",
+                "--clients",
+                "4",
+                "--duration",
+                "1",
+                "--warmup",
+                "0.2",
+                "--keys",
+                "200",
+                "--value-size",
+                "100",
+                "--output",
+                "json",
+            ];
+            args.extend_from_slice(extra);
+            let (code, out, err) = c.kvctl(&[0, 1, 2], &args);
+            assert_eq!(code, 0, "kvctl bench {extra:?}: {err}");
+            let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+            assert!(r["ops"].as_u64().unwrap_or(0) > 0, "{r}");
+            assert!(r["ops_per_sec"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+            assert_eq!(r["errors"].as_u64(), Some(0), "{r}");
+            let l = &r["latency_ms"];
+            let p = |k: &str| l[k].as_f64().expect("a percentile");
+            assert!(
+                p("p50") > 0.0 && p("p50") <= p("p99") && p("p99") <= p("max"),
+                "{l}"
+            );
+            r
+        };
+
+        let r = run(&["--workload", "a", "--preload"]);
+        assert_eq!(r["workload"].as_str(), Some("a"), "{r}");
+        assert_eq!(r["preload"]["keys"].as_u64(), Some(200), "{r}");
+        assert_eq!(r["preload"]["errors"].as_u64(), Some(0), "{r}");
+        assert!(r["get"]["ops"].as_u64().unwrap_or(0) > 0, "{r}");
+        assert!(r["put"]["ops"].as_u64().unwrap_or(0) > 0, "{r}");
+        assert_eq!(r["not_found"].as_u64(), Some(0), "every key preloaded: {r}");
+        let client = c.client_all();
+        for k in [0u32, 57, 199] {
+            let key = format!("bench/{k:010}");
+            let got = client.get(key.as_bytes(), false).await.expect("get");
+            assert_eq!(got.value.map(|v| v.len()), Some(100), "{key}");
+        }
+
+        let r = run(&["--workload", "c", "--stale", "--unary", "--no-routing"]);
+        assert_eq!(r["reads"].as_str(), Some("stale"), "{r}");
+        assert_eq!(r["routed"].as_bool(), Some(false), "{r}");
+        assert!(r["put"].is_null(), "a read-only run reports no puts: {r}");
+    });
+}
