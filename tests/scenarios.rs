@@ -574,17 +574,24 @@ fn restarted_node_holds_its_vote_while_a_lease_may_run() {
         let granted = || {
             let (mut raw, payload) = (raw.clone(), payload.clone());
             async move {
-                let reply = raw
-                    .raft(RaftRequest {
-                        shard: 0,
-                        kind: RaftKind::Vote as i32,
-                        payload,
-                        from: 0,
-                        id: 0,
-                    })
-                    .await
-                    .expect("vote rpc")
-                    .into_inner();
+                let req = RaftRequest {
+                    shard: 0,
+                    kind: RaftKind::Vote as i32,
+                    payload,
+                    from: 0,
+                    id: 0,
+                };
+                let give_up = Instant::now() + Duration::from_secs(10);
+                let reply = loop {
+                    match raw.raft(req.clone()).await {
+                        Ok(r) => break r.into_inner(),
+                        // Listening, but shard 0 not open yet (a busy machine): ask again.
+                        Err(s) if s.code() == tonic::Code::NotFound && Instant::now() < give_up => {
+                            tokio::time::sleep(Duration::from_millis(10)).await
+                        }
+                        Err(s) => panic!("vote rpc: {s:?}"),
+                    }
+                };
                 let r: Result<VoteResponse<NodeId>, openraft::error::RaftError<NodeId>> =
                     bincode::deserialize(&reply.payload).expect("decode");
                 r.expect("vote answered").vote_granted
