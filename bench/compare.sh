@@ -21,6 +21,9 @@
 #                      seconds for either target at the rate measured while preloading KEYS
 #   PRELOAD_BUDGET=150 seconds
 #   IDLE=10            seconds over which idle CPU is measured
+#   ROUNDS=1           runs of each workload per target (alternating targets); with more than
+#                      one, each figure is that of the median run by ops/s (the lower middle one
+#                      for an even count), and every run's ops/s is printed as it finishes
 #   PORT=7100          first kvstore port (never 5000-5002, used by the systemd tests)
 #   OUT=target/bench-compare/<time>   where the JSON results and logs are kept
 #   SKIP_BUILD=1       use the existing target/release binaries
@@ -35,6 +38,7 @@ KEYS=${KEYS:-10000}
 BIG_KEYS=${BIG_KEYS:-1000000}
 PRELOAD_BUDGET=${PRELOAD_BUDGET:-150}
 IDLE=${IDLE:-10}
+ROUNDS=${ROUNDS:-1}
 PORT=${PORT:-7100}
 OUT=${OUT:-$ROOT/target/bench-compare/$(date +%Y%m%d-%H%M%S)}
 ETCD3=${ETCD3:-$ROOT/../shared/bench/etcd3.sh}
@@ -174,15 +178,38 @@ bench() {
     rm -f "$f.json"
   fi
 }
-both() { local name=$1; shift; bench "$name" kvstore "$@"; bench "$name" etcd "$@"; }
+# field RUN JQPATH: one figure of a finished run ("" if it failed).
+field() { jq -r "$2 // empty" "$OUT/$1.json" 2>/dev/null; }
+# rounds NAME "TARGETS" ARGS...: ROUNDS runs per target, targets alternating within a round. The
+# median run's files (by ops/s) become NAME.TARGET.*; every run keeps its own as NAME.rN.TARGET.*.
+rounds() {
+  local name=$1 targets=$2 i t m ext; shift 2
+  if [ "$ROUNDS" = 1 ]; then
+    for t in $targets; do bench "$name" "$t" "$@"; done
+    return
+  fi
+  for i in $(seq "$ROUNDS"); do
+    for t in $targets; do bench "$name.r$i" "$t" "$@"; done
+  done
+  for t in $targets; do
+    m=$(for i in $(seq "$ROUNDS"); do echo "$(field "$name.r$i.$t" .ops_per_sec) $i"; done |
+      awk 'NF == 2' | sort -g | awk '{ r[NR] = $2 } END { if (NR) print r[int((NR + 1) / 2)] }')
+    [ -n "$m" ] || continue
+    for ext in json cpu rss client log; do
+      if [ -f "$OUT/$name.r$m.$t.$ext" ]; then cp "$OUT/$name.r$m.$t.$ext" "$OUT/$name.$t.$ext"; fi
+    done
+    say "$name $t: median of $ROUNDS runs: run $m (ops/s of each: $(for i in $(seq "$ROUNDS"); do printf '%s ' "$(field "$name.r$i.$t" .ops_per_sec)"; done))"
+  done
+}
+both() { local name=$1; shift; rounds "$name" "kvstore etcd" "$@"; }
 common=(--duration "$DURATION" --warmup "$WARMUP" --value-size 256)
 
 # ---- the runs --------------------------------------------------------------------------------
-say "runs: ${DURATION}s measured after ${WARMUP}s warm-up each; results in $OUT"
+say "runs: ${DURATION}s measured after ${WARMUP}s warm-up each, $ROUNDS per workload and target; results in $OUT"
 both write "${common[@]}" -w write --clients "$CLIENTS" --keys "$KEYS" --preload
 # kvstore's bench, like its client library, multiplexes requests on session streams; etcd's
 # client (and ours with --unary) makes one gRPC call per request. Both kvstore figures are shown.
-bench writeunary kvstore "${common[@]}" -w write --clients "$CLIENTS" --keys "$KEYS" --unary
+rounds writeunary kvstore "${common[@]}" -w write --clients "$CLIENTS" --keys "$KEYS" --unary
 both read "${common[@]}" -w read --clients "$CLIENTS" --keys "$KEYS"
 # This disk's flush latency drifts for minutes at a time, and the single-client write follows it:
 # measure it on either side of those runs (4 KiB O_DSYNC writes, where the nodes keep their data).
@@ -211,7 +238,9 @@ fi
 # The figure is the run after the one that preloads, so that neither key space is measured right
 # after a load (on 2026-12-07 that run was once kvstore's fastest: 18.2k ops/s, the next five
 # 14.1-16.1k; once it was not: 14.0k, then 14.2k).
-both mixedbigload "${common[@]}" -w mixed --clients "$CLIENTS" --keys "$big" --preload --preload-clients 256
+for t in kvstore etcd; do
+  bench mixedbigload "$t" "${common[@]}" -w mixed --clients "$CLIENTS" --keys "$big" --preload --preload-clients 256
+done
 both mixedbig "${common[@]}" -w mixed --clients "$CLIENTS" --keys "$big"
 
 # ---- idle CPU ----------------------------------------------------------------------------------
@@ -231,14 +260,13 @@ KV_IDLE=$(idle_pct "${KV_PIDS[@]}")
 ETCD_IDLE=$(idle_pct "${ETCD_PIDS[@]}")
 
 # ---- report ------------------------------------------------------------------------------------
-field() { jq -r "$2 // empty" "$OUT/$1.json" 2>/dev/null; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN{ if (a=="" || b=="" || b+0==0) print "-"; else printf "%.2f", a/b }'; }
 peak_mb() { [ -f "$OUT/$1.rss" ] && sort -n "$OUT/$1.rss" | tail -1 | awk '{printf "%.0f", $1/1024}' || echo -; }
 
 echo
 echo "kvstore vs etcd — $(date -u +%Y-%m-%dT%H:%M:%SZ), $(nproc) cores, load average at end $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $3}') (3 members, fsync on); kvstore 3 nodes, default config (fsync on)."
-echo "each run: ${DURATION}s measured after ${WARMUP}s warm-up, 256-byte values, uniform keys, closed loop, linearizable reads."
+echo "each run: ${DURATION}s measured after ${WARMUP}s warm-up, 256-byte values, uniform keys, closed loop, linearizable reads$([ "$ROUNDS" = 1 ] || echo "; each figure the median of $ROUNDS runs by ops/s")."
 echo
 printf '%-34s %10s %10s %6s  %15s %15s  %9s  %9s\n' "RUN" "KV OPS/S" "ETCD OPS/S" "RATIO" "KV P50/P99 ms" "ETCD P50/P99 ms" "ERR kv/et" "RSS MB kv/et"
 row() {
