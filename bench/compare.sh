@@ -16,9 +16,10 @@
 #   WARMUP=2           seconds of load before measuring
 #   CLIENTS=64         clients of the concurrent runs
 #   KEYS=10000         key space of most runs
-#   BIG_KEYS=1000000   key space of the large-data runs; the first preloads it, and it is lowered (to a
-#                      multiple of 50,000) when preloading it would take more than PRELOAD_BUDGET
-#                      seconds for either target at the rate measured while preloading KEYS
+#   BIG_KEYS=1000000   key space of the large-data runs; the first preloads it, and it is lowered
+#                      (to a multiple of 50,000) when preloading it would take more than
+#                      PRELOAD_BUDGET seconds for either target at the rate measured while
+#                      preloading KEYS
 #   PRELOAD_BUDGET=150 seconds
 #   IDLE=10            seconds over which idle CPU is measured
 #   ROUNDS=1           runs of each workload per target (alternating targets); with more than
@@ -39,6 +40,7 @@ BIG_KEYS=${BIG_KEYS:-1000000}
 PRELOAD_BUDGET=${PRELOAD_BUDGET:-150}
 IDLE=${IDLE:-10}
 ROUNDS=${ROUNDS:-1}
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || { echo "compare.sh: ROUNDS must be a positive integer, not '$ROUNDS'" >&2; exit 2; }
 PORT=${PORT:-7100}
 OUT=${OUT:-$ROOT/target/bench-compare/$(date +%Y%m%d-%H%M%S)}
 ETCD3=${ETCD3:-$ROOT/../shared/bench/etcd3.sh}
