@@ -596,8 +596,7 @@ where
         // was read has its reply queued; the stream then ends with a status that says the
         // requests still without a reply were never read, so never executed (their senders may
         // send them elsewhere, see crate::mux).
-        let all = MAX_STREAMS_PER_CONNECTION;
-        if let Ok(_all) = permits.acquire_many(all).await {
+        if let Ok(_every_permit) = permits.acquire_many(MAX_STREAMS_PER_CONNECTION).await {
             let _ = tx
                 .send(Err(unavailable(format!(
                     "node {me} is stopping: it answered every request of this stream it read, \

@@ -281,11 +281,7 @@ fn a_forwarding_session_executes_only_what_its_node_leads() {
                 Err(e) => {
                     assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
                     assert!(kvstore::router::not_executed(&e), "{e:?}");
-                    let hint = e
-                        .metadata()
-                        .get(kvstore::router::LEADER_HINT)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.parse::<u64>().ok());
+                    let hint = kvstore::client::RouteHint::from_headers(e.metadata()).leader;
                     assert_ne!(hint, Some(0), "{e:?}");
                     assert!(
                         hint.is_some(),
