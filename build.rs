@@ -11,9 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_build::configure()
         .bytes([".kv.v1.KvPair"])
         .compile_protos(&["proto/kv.proto"], &["proto"])?;
-    // Only ever a client of etcd.
-    tonic_build::configure()
-        .build_server(false)
-        .compile_protos(&["proto/etcd_kv.proto"], &["proto"])?;
+    // kvctl is only ever a client of etcd; the server half is what tests/operations.rs fakes
+    // etcd with, to test `kvctl bench --target etcd` where no etcd is installed.
+    tonic_build::configure().compile_protos(&["proto/etcd_kv.proto"], &["proto"])?;
     Ok(())
 }

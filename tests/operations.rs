@@ -561,6 +561,33 @@ fn a_node_dies_with_the_thread_that_started_it() {
     }
 }
 
+/// `kvctl bench` for 1 s after 0.2 s of warm-up against `endpoints`, with `args`: its JSON report,
+/// checked for successful operations, no errors and ordered percentiles.
+fn bench_report(endpoints: &str, args: &[&str]) -> serde_json::Value {
+    let common = [
+        "bench",
+        "--duration",
+        "1",
+        "--warmup",
+        "0.2",
+        "--output",
+        "json",
+    ];
+    let (code, out, err) = kvctl_with(&["--endpoints", endpoints], &[&common[..], args].concat());
+    assert_eq!(code, 0, "kvctl bench {args:?}: {err}");
+    let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    assert!(r["ops"].as_u64().unwrap_or(0) > 0, "{r}");
+    assert!(r["ops_per_sec"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
+    assert_eq!(r["errors"].as_u64(), Some(0), "{r}");
+    let l = &r["latency_ms"];
+    let p = |k: &str| l[k].as_f64().expect("a percentile");
+    assert!(
+        p("p50") > 0.0 && p("p50") <= p("p99") && p("p99") <= p("max"),
+        "{l}"
+    );
+    r
+}
+
 /// `kvctl bench` against a real cluster, end to end: a preloaded 50/50 run and a stale-read run
 /// on unary calls, each reporting successful operations, no errors and ordered percentiles in
 /// its JSON; the preload wrote every key of the key space, with the requested value size.
@@ -568,36 +595,10 @@ fn a_node_dies_with_the_thread_that_started_it() {
 fn kvctl_bench_measures_a_cluster() {
     rt().block_on(async {
         let c = Cluster::start(3, "").await;
+        let eps = c.addrs.join(",");
         let run = |extra: &[&str]| {
-            let mut args = vec![
-                "bench",
-                "--clients",
-                "4",
-                "--duration",
-                "1",
-                "--warmup",
-                "0.2",
-                "--keys",
-                "200",
-                "--value-size",
-                "100",
-                "--output",
-                "json",
-            ];
-            args.extend_from_slice(extra);
-            let (code, out, err) = c.kvctl(&[0, 1, 2], &args);
-            assert_eq!(code, 0, "kvctl bench {extra:?}: {err}");
-            let r: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
-            assert!(r["ops"].as_u64().unwrap_or(0) > 0, "{r}");
-            assert!(r["ops_per_sec"].as_f64().unwrap_or(0.0) > 0.0, "{r}");
-            assert_eq!(r["errors"].as_u64(), Some(0), "{r}");
-            let l = &r["latency_ms"];
-            let p = |k: &str| l[k].as_f64().expect("a percentile");
-            assert!(
-                p("p50") > 0.0 && p("p50") <= p("p99") && p("p99") <= p("max"),
-                "{l}"
-            );
-            r
+            let args = ["--clients", "4", "--keys", "200", "--value-size", "100"];
+            bench_report(&eps, &[&args[..], extra].concat())
         };
 
         let r = run(&["--workload", "a", "--preload"]);
@@ -618,5 +619,124 @@ fn kvctl_bench_measures_a_cluster() {
         assert_eq!(r["reads"].as_str(), Some("stale"), "{r}");
         assert_eq!(r["routed"].as_bool(), Some(false), "{r}");
         assert!(r["put"].is_null(), "a read-only run reports no puts: {r}");
+    });
+}
+
+/// A stand-in for etcd's KV service: stores what it is sent and counts how it was asked.
+#[derive(Default)]
+struct FakeEtcd {
+    data: std::sync::Mutex<std::collections::HashMap<Vec<u8>, Vec<u8>>>,
+    puts: std::sync::atomic::AtomicU64,
+    linearizable: std::sync::atomic::AtomicU64,
+    serializable: std::sync::atomic::AtomicU64,
+    value_sizes: std::sync::Mutex<std::collections::BTreeSet<usize>>,
+}
+
+#[tonic::async_trait]
+impl kvstore::bench::etcdpb::kv_server::Kv for FakeEtcd {
+    async fn range(
+        &self,
+        req: tonic::Request<kvstore::bench::etcdpb::RangeRequest>,
+    ) -> Result<tonic::Response<kvstore::bench::etcdpb::RangeResponse>, tonic::Status> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let r = req.into_inner();
+        if r.serializable {
+            &self.serializable
+        } else {
+            &self.linearizable
+        }
+        .fetch_add(1, Relaxed);
+        let kvs = self
+            .data
+            .lock()
+            .unwrap()
+            .get(&r.key)
+            .map(|v| kvstore::bench::etcdpb::KeyValue {
+                key: r.key.clone(),
+                value: v.clone(),
+                ..Default::default()
+            })
+            .into_iter()
+            .collect::<Vec<_>>();
+        Ok(tonic::Response::new(
+            kvstore::bench::etcdpb::RangeResponse {
+                count: kvs.len() as i64,
+                kvs,
+                ..Default::default()
+            },
+        ))
+    }
+
+    async fn put(
+        &self,
+        req: tonic::Request<kvstore::bench::etcdpb::PutRequest>,
+    ) -> Result<tonic::Response<kvstore::bench::etcdpb::PutResponse>, tonic::Status> {
+        let r = req.into_inner();
+        self.puts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.value_sizes.lock().unwrap().insert(r.value.len());
+        self.data.lock().unwrap().insert(r.key, r.value);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+/// `kvctl bench --target etcd` speaks etcd's v3 KV API: against a stand-in etcd it preloads
+/// every key with the requested value size, reads linearizably (or serializably with
+/// `--stale`), and reports its runs like a kvstore run.
+#[test]
+fn kvctl_bench_speaks_etcd() {
+    use std::sync::atomic::Ordering::Relaxed;
+    rt().block_on(async {
+        let etcd = std::sync::Arc::new(FakeEtcd::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(kvstore::bench::etcdpb::kv_server::KvServer::from_arc(
+                    etcd.clone(),
+                ))
+                .serve_with_incoming(kvstore::server::incoming(listener, 16)),
+        );
+        let run = |extra: &[&str]| {
+            let args = [
+                "--target",
+                "etcd",
+                "--clients",
+                "4",
+                "--keys",
+                "100",
+                "--value-size",
+                "64",
+            ];
+            let r =
+                tokio::task::block_in_place(|| bench_report(&addr, &[&args[..], extra].concat()));
+            assert_eq!(r["target"].as_str(), Some("etcd"), "{r}");
+            r
+        };
+
+        let r = run(&["--workload", "a", "--preload"]);
+        assert_eq!(r["preload"]["keys"].as_u64(), Some(100), "{r}");
+        assert_eq!(r["not_found"].as_u64(), Some(0), "every key preloaded: {r}");
+        assert_eq!(etcd.data.lock().unwrap().len(), 100);
+        assert_eq!(*etcd.value_sizes.lock().unwrap(), [64].into());
+        assert!(
+            etcd.puts.load(Relaxed) > 100,
+            "the preload, then the run's puts"
+        );
+        let linearizable = etcd.linearizable.load(Relaxed);
+        assert!(linearizable > 0);
+        assert_eq!(etcd.serializable.load(Relaxed), 0);
+
+        let r = run(&["--workload", "c", "--stale"]);
+        assert_eq!(r["reads"].as_str(), Some("stale"), "{r}");
+        let stale_reads = r["get"]["ops"].as_u64().unwrap_or(0);
+        assert!(
+            etcd.serializable.load(Relaxed) >= stale_reads && stale_reads > 0,
+            "--stale reads are serializable: {r}"
+        );
+        // At most one read per client of the first run was still on its way when it exited.
+        assert!(etcd.linearizable.load(Relaxed) <= linearizable + 4);
+        server.abort();
     });
 }
