@@ -228,3 +228,65 @@ fn idle_cpu_by_shard_count() {
         }
     });
 }
+
+/// What [`kvstore::state::fill_order`] saves a rebuild: `KV_FILL_KEYS` (default 1,000,000)
+/// ascending 16-byte keys with 256-byte values inserted into a fresh sled tree (configured as a
+/// node's), in batches the size of a `Recover` batch, once in key order and once in fill
+/// order, `KV_FILL_ROUNDS` (default 3) times alternating. Prints the process's CPU, the wall
+/// time and the size of sled's files for each.
+#[test]
+#[ignore]
+fn staging_insert_order() {
+    let env = |name: &str, default: usize| -> usize {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (n, rounds) = (env("KV_FILL_KEYS", 1_000_000), env("KV_FILL_ROUNDS", 3));
+    // A 1 MiB Recover batch holds this many of these pairs.
+    let batch = (1 << 20) / (16 + 256) + 1;
+    let value = vec![7u8; 256];
+    let keys: Vec<Vec<u8>> = (0..n).map(|i| format!("d/{i:014}").into_bytes()).collect();
+    for round in 1..=rounds {
+        for fill in [false, true] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let db = sled::Config::new()
+                .path(dir.path())
+                .mode(sled::Mode::HighThroughput)
+                .flush_every_ms(None)
+                .open()
+                .expect("open sled");
+            let tree = db.open_tree("staging").expect("open tree");
+            let me = std::process::id();
+            let (cpu0, t) = (cpu_ticks(me), Instant::now());
+            for chunk in keys.chunks(batch) {
+                let order: Vec<usize> = if fill {
+                    kvstore::state::fill_order(chunk.len()).collect()
+                } else {
+                    (0..chunk.len()).collect()
+                };
+                for i in order {
+                    tree.insert(chunk[i].as_slice(), value.as_slice())
+                        .expect("insert");
+                }
+            }
+            tree.flush().expect("flush");
+            let (cpu, wall) = (cpu_ticks(me) - cpu0, t.elapsed());
+            assert_eq!(tree.len(), n);
+            drop((tree, db));
+            let bytes: u64 = std::fs::read_dir(dir.path())
+                .expect("read dir")
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            println!(
+                "round {round}, {}: {n} inserts in {:.2} s CPU, {:.2} s wall; sled files {:.0} MB",
+                if fill { "fill order" } else { "key order " },
+                cpu as f64 / 100.0, // USER_HZ
+                wall.as_secs_f64(),
+                bytes as f64 / 1e6
+            );
+        }
+    }
+}
