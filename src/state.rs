@@ -45,6 +45,16 @@ pub struct Applied {
     pub consistent_from: u64,
 }
 
+/// How a node configures sled for its data in `dir` (public for tests/measure.rs).
+pub fn sled_config(dir: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(dir)
+        .mode(sled::Mode::HighThroughput)
+        // No timed flushes: the WAL holds everything since the last snapshot, and building a
+        // snapshot flushes (a crash only means a longer replay).
+        .flush_every_ms(None)
+}
+
 /// The node's sled database.
 #[derive(Clone)]
 pub struct StateDb {
@@ -54,13 +64,7 @@ pub struct StateDb {
 
 impl StateDb {
     pub fn open(dir: &Path) -> Result<Self, StateError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .mode(sled::Mode::HighThroughput)
-            // No timed flushes: the WAL holds everything since the last snapshot, and building
-            // a snapshot flushes (a crash only means a longer replay).
-            .flush_every_ms(None)
-            .open()?;
+        let db = sled_config(dir).open()?;
         let meta = db.open_tree("meta")?;
         Ok(StateDb { db, meta })
     }

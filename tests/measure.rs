@@ -231,9 +231,9 @@ fn idle_cpu_by_shard_count() {
 
 /// What [`kvstore::state::fill_order`] saves a rebuild: `KV_FILL_KEYS` (default 1,000,000)
 /// ascending 16-byte keys with 256-byte values inserted into a fresh sled tree (configured as a
-/// node's), in batches the size of a `Recover` batch, once in key order and once in fill
-/// order, `KV_FILL_ROUNDS` (default 3) times alternating. Prints the process's CPU, the wall
-/// time and the size of sled's files for each.
+/// node's, [`kvstore::state::sled_config`]), in batches the size of a `Recover` batch, once in
+/// key order and once in fill order, `KV_FILL_ROUNDS` (default 3) times alternating. Prints the
+/// process's CPU, the wall time and the size of sled's files for each.
 #[test]
 #[ignore]
 fn staging_insert_order() {
@@ -251,10 +251,7 @@ fn staging_insert_order() {
     for round in 1..=rounds {
         for fill in [false, true] {
             let dir = tempfile::tempdir().expect("tempdir");
-            let db = sled::Config::new()
-                .path(dir.path())
-                .mode(sled::Mode::HighThroughput)
-                .flush_every_ms(None)
+            let db = kvstore::state::sled_config(dir.path())
                 .open()
                 .expect("open sled");
             let tree = db.open_tree("staging").expect("open tree");

@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::{kvctl_with, kvnode_exit, rt, Cluster};
+use kvstore::bench::etcdpb;
 use kvstore::client::ClientError;
 
 #[test]
@@ -633,11 +634,11 @@ struct FakeEtcd {
 }
 
 #[tonic::async_trait]
-impl kvstore::bench::etcdpb::kv_server::Kv for FakeEtcd {
+impl etcdpb::kv_server::Kv for FakeEtcd {
     async fn range(
         &self,
-        req: tonic::Request<kvstore::bench::etcdpb::RangeRequest>,
-    ) -> Result<tonic::Response<kvstore::bench::etcdpb::RangeResponse>, tonic::Status> {
+        req: tonic::Request<etcdpb::RangeRequest>,
+    ) -> Result<tonic::Response<etcdpb::RangeResponse>, tonic::Status> {
         use std::sync::atomic::Ordering::Relaxed;
         let r = req.into_inner();
         if r.serializable {
@@ -651,26 +652,24 @@ impl kvstore::bench::etcdpb::kv_server::Kv for FakeEtcd {
             .lock()
             .unwrap()
             .get(&r.key)
-            .map(|v| kvstore::bench::etcdpb::KeyValue {
+            .map(|v| etcdpb::KeyValue {
                 key: r.key.clone(),
                 value: v.clone(),
                 ..Default::default()
             })
             .into_iter()
             .collect::<Vec<_>>();
-        Ok(tonic::Response::new(
-            kvstore::bench::etcdpb::RangeResponse {
-                count: kvs.len() as i64,
-                kvs,
-                ..Default::default()
-            },
-        ))
+        Ok(tonic::Response::new(etcdpb::RangeResponse {
+            count: kvs.len() as i64,
+            kvs,
+            ..Default::default()
+        }))
     }
 
     async fn put(
         &self,
-        req: tonic::Request<kvstore::bench::etcdpb::PutRequest>,
-    ) -> Result<tonic::Response<kvstore::bench::etcdpb::PutResponse>, tonic::Status> {
+        req: tonic::Request<etcdpb::PutRequest>,
+    ) -> Result<tonic::Response<etcdpb::PutResponse>, tonic::Status> {
         let r = req.into_inner();
         self.puts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.value_sizes.lock().unwrap().insert(r.value.len());
@@ -693,9 +692,7 @@ fn kvctl_bench_speaks_etcd() {
         let addr = listener.local_addr().expect("addr").to_string();
         let server = tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(kvstore::bench::etcdpb::kv_server::KvServer::from_arc(
-                    etcd.clone(),
-                ))
+                .add_service(etcdpb::kv_server::KvServer::from_arc(etcd.clone()))
                 .serve_with_incoming(kvstore::server::incoming(listener, 16)),
         );
         let run = |extra: &[&str]| {
