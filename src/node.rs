@@ -914,25 +914,27 @@ impl TargetExt for Option<(NodeId, u64)> {
 }
 
 /// Reports (once per node) a shard's Raft group that died of anything but a normal shutdown.
+///
+/// Both watchers below wait on openraft's *server* metrics (vote, role, leader, membership),
+/// which change only with those, never on the full metrics, which the group's core sends after
+/// every pass of its loop: several times per Raft entry on every replica. A task waiting on the
+/// full metrics is woken each time; with 8 shards that was 16 tasks per node woken several times
+/// per entry for nothing.
 async fn watch_fatal(node: Arc<Node>, shard: ShardId, raft: Raft) {
-    let mut rx = raft.metrics();
-    loop {
-        let died = match &rx.borrow_and_update().running_state {
-            Err(openraft::error::Fatal::Stopped) | Ok(()) => None,
-            Err(fatal) => Some(fatal.to_string()),
-        };
-        if let Some(fatal) = died {
-            node.report_fatal(shard, format!("raft stopped: {fatal}"));
-            return;
+    let mut rx = raft.server_metrics();
+    // The core task holds the sender: this resolves once that task is gone, whatever ended it.
+    while rx.changed().await.is_ok() {}
+    // The core reports why it stopped in the full metrics before it goes.
+    let died = match &raft.metrics().borrow().running_state {
+        Err(openraft::error::Fatal::Stopped) => None,
+        Err(fatal) => Some(format!("raft stopped: {fatal}")),
+        // Gone without saying why: it panicked, unless this node is stopping.
+        Ok(()) => {
+            (!*node.stop_tx.borrow()).then(|| "raft task ended unexpectedly (panicked)".to_string())
         }
-        if rx.changed().await.is_err() {
-            // The group's core task is gone without saying why: it panicked (its metrics
-            // sender went with it), unless this node is stopping.
-            if !*node.stop_tx.borrow() {
-                node.report_fatal(shard, "raft task ended unexpectedly (panicked)".into());
-            }
-            return;
-        }
+    };
+    if let Some(what) = died {
+        node.report_fatal(shard, what);
     }
 }
 
@@ -953,20 +955,20 @@ impl Node {
 
 /// Logs `leader_elected` each time this node becomes a shard's leader.
 async fn watch_leadership(me: NodeId, shard: ShardId, raft: Raft) {
-    let mut rx = raft.metrics();
+    let mut rx = raft.server_metrics();
     let mut logged_term = None;
     loop {
         {
             let m = rx.borrow_and_update();
-            if m.current_leader == Some(me) && logged_term != Some(m.current_term) {
-                logged_term = Some(m.current_term);
+            let term = m.vote.leader_id().term;
+            if m.current_leader == Some(me) && logged_term != Some(term) {
+                logged_term = Some(term);
                 tracing::info!(
                     KV_EVENT = "leader_elected",
                     KV_NODE = me,
                     KV_SHARD = shard,
-                    term = m.current_term,
-                    "became leader of shard {shard} in term {}",
-                    m.current_term
+                    term,
+                    "became leader of shard {shard} in term {term}"
                 );
             }
         }
