@@ -41,21 +41,20 @@ fn owner_killed_reads_and_writes_go_on() {
         // Both owners said so in their logs (`KV_EVENT=leader_elected` in the journal), the new
         // one in a later term than the last of the dead one.
         let shard = kvstore::placement::shard_for_key(b"b", kvstore::config::DEFAULT_SHARDS);
-        let elected = |log: String| -> Vec<u64> {
+        // The latest term in which a log says its node became the leader of b's shard.
+        let last_elected = |log: String| -> Option<u64> {
             let prefix = format!("became leader of shard {shard} in term ");
             log.lines()
                 .filter(|l| l.contains("leader_elected"))
                 .filter_map(|l| l.split(&prefix).nth(1)?.split_whitespace().next()?.parse().ok())
-                .collect()
+                .max()
         };
-        let old_term = elected(c.log(owner))
-            .into_iter()
-            .max()
+        let old_term = last_elected(c.log(owner))
             .expect("the first owner logged leader_elected for b's shard");
         let new_owner = got.node_id as usize;
         let new_term = wait_for("leader_elected from the new owner", Duration::from_secs(10), || {
-            let terms = elected(c.log(new_owner));
-            async move { terms.into_iter().max().filter(|t| *t > old_term) }
+            let term = last_elected(c.log(new_owner));
+            async move { term.filter(|t| *t > old_term) }
         })
         .await;
         eprintln!("shard {shard}: leader_elected by node {owner} in term {old_term}, then node {new_owner} in term {new_term}");
