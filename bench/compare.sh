@@ -20,7 +20,7 @@
 #                      (to a multiple of 50,000) when preloading it would take more than
 #                      PRELOAD_BUDGET seconds for either target at the rate measured while
 #                      preloading KEYS
-#   PRELOAD_BUDGET=240 seconds (etcd preloads 1M keys in about 140 s here, kvstore in about 60)
+#   PRELOAD_BUDGET=240 seconds (on 2026-12-07 etcd preloaded 1M keys in 155-166 s, kvstore in 65-75)
 #   IDLE=10            seconds over which idle CPU is measured
 #   ROUNDS=1           runs of each workload per target (alternating targets); with more than
 #                      one, each figure is that of the median run by ops/s (the lower middle one
