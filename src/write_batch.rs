@@ -260,14 +260,7 @@ async fn run(
         let raft = raft.clone();
         let last = last.clone();
         tokio::spawn(async move {
-            let (writes, started) = (batch.len(), Instant::now());
-            propose(&raft, batch).await;
-            let round = Round {
-                writes,
-                took: started.elapsed(),
-                ended: Instant::now(),
-            };
-            *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(round);
+            propose(&raft, batch, &last).await;
             drop(slot);
         });
     }
@@ -291,9 +284,11 @@ fn write_error(e: RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode
     }
 }
 
-/// Proposes one batch and answers each of its writes.
-async fn propose(raft: &Raft, batch: Vec<Pending>) {
-    let single = batch.len() == 1;
+/// Proposes one batch, records its round in `last`, and answers each of its writes. The round is
+/// recorded first, so a caller that writes again once answered sees it.
+async fn propose(raft: &Raft, batch: Vec<Pending>, last: &LastRound) {
+    let (writes, started) = (batch.len(), Instant::now());
+    let single = writes == 1;
     let (mut cmds, dones): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.done)).unzip();
     // A lone write is proposed as itself: no batch wrapper on disk or on the wire.
     let cmd = if single {
@@ -316,6 +311,12 @@ async fn propose(raft: &Raft, batch: Vec<Pending>) {
         },
         Err(e) => vec![Err(write_error(e)); dones.len()],
     };
+    let round = Round {
+        writes,
+        took: started.elapsed(),
+        ended: Instant::now(),
+    };
+    *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(round);
     for (done, r) in dones.into_iter().zip(results) {
         // A caller that gave up (deadline) no longer listens; that is fine.
         let _ = done.send(r);
@@ -519,7 +520,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let (raft, data) = group(dir.path()).await;
         let writes = Arc::new(WriteBatcher::start(raft.clone()));
-        let window = Duration::from_millis(300);
+        let window = Duration::from_secs(1);
         let long_round = || Round {
             writes: 4,
             took: window.div_f64(GATHER_WINDOW),
@@ -546,7 +547,8 @@ mod tests {
         );
         assert_eq!(data.get(b"k006").expect("read"), Some(b"v6".to_vec()));
 
-        // That round was short (no fsync here): the next write goes direct at once.
+        // That round was short (no fsync here): the next write leaves at once (or, on a slow
+        // machine, after gathering for a fraction of that round).
         let started = Instant::now();
         assert_eq!(writes.write(put(7)).await, Ok(CommandResult::Put));
         assert_eq!(writes.counts(), (3, 8));
