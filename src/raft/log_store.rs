@@ -556,7 +556,9 @@ impl RaftLogStorage<TypeConfig> for ShardLog {
             // for these entries (the state machine) gets the error.
             self.mgr.wal.flush(Box::new(|_| {}));
         } else {
-            self.mgr.wal.flush(Box::new(move |r| {
+            // A follower's core has nothing to do for this shard until the entries are durable:
+            // when the WAL is idle it syncs them here, without the flusher's two hand-offs.
+            self.mgr.wal.flush_here_when_idle(Box::new(move |r| {
                 callback.log_io_completed(r.map_err(|e| std::io::Error::other(e.to_string())))
             }));
         }
