@@ -800,7 +800,11 @@ fn run_flusher(shared: &Shared) {
                 st = shared.wake.wait(st).unwrap_or_else(PoisonError::into_inner);
             }
             let snapshot = st.sync_snapshot();
-            st.inflight = snapshot.as_ref().ok().map(|s| s.target);
+            // Beside a caller's round (on close only), `inflight` stays that round's: riders
+            // joined it knowing only its target, and this round's covers it too.
+            if !st.round_running {
+                st.inflight = snapshot.as_ref().ok().map(|s| s.target);
+            }
             st.round_running = true;
             (mem::take(&mut st.pending), snapshot, st.closing)
         };
@@ -2731,10 +2735,7 @@ mod tests {
         // the end) and the last request is a while ago, the next flush is the caller's again.
         let deadline = Instant::now() + WAIT;
         while wal.shared.lock().round_running {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the flusher's round never ended"
-            );
+            assert!(Instant::now() < deadline, "the flusher's round never ended");
             thread::yield_now();
         }
         wal.shared.lock().last_request = None;
