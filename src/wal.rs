@@ -793,6 +793,10 @@ fn run_flusher(shared: &Shared) {
     loop {
         let (batch, snapshot, exit) = {
             let mut st = shared.lock();
+            // This thread's previous round (if any) has answered all its callbacks. The flag
+            // can only be its own here: no caller starts a round while it is set, and a round
+            // that ran beside a caller's (on close) ended the loop.
+            st.round_running = false;
             // On close the flusher goes ahead beside a caller's round: that caller's callback
             // may then come after the last ones (a callback that closes the WAL cannot wait
             // for the round that runs it).
@@ -824,7 +828,6 @@ fn run_flusher(shared: &Shared) {
                 .fetch_add(1, Ordering::Relaxed);
         }
         answer(batch.into_iter().chain(riders), &result);
-        shared.lock().round_running = false;
         if exit {
             return;
         }
@@ -1127,9 +1130,16 @@ impl Wal {
             mem::take(&mut st.riders)
         };
         answer(std::iter::once(done).chain(riders), &result);
-        self.shared.lock().round_running = false;
-        // Flushes asked for meanwhile wait in `pending` for the flusher.
-        self.shared.wake.notify_one();
+        let queued = {
+            let mut st = self.shared.lock();
+            st.round_running = false;
+            !st.pending.is_empty()
+        };
+        // Flushes asked for meanwhile wait in `pending` for the flusher (which their callers
+        // woke, and which found this round running); nothing else needs it woken.
+        if queued {
+            self.shared.wake.notify_one();
+        }
     }
 
     /// Calls `done` once the record at `pos` (and with it every record before) is durable, or

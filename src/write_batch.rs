@@ -114,6 +114,10 @@ fn last_round(last: &LastRound) -> Option<Round> {
     *last.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn set_round(last: &LastRound, round: Round) {
+    *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(round);
+}
+
 /// Proposals made and the writes they carried, since the batcher started.
 #[derive(Default)]
 struct Counts {
@@ -147,7 +151,7 @@ impl WriteBatcher {
     /// Pretends the shard's last batched proposal was `round` (tests of gathering).
     #[cfg(test)]
     fn set_last_round(&self, round: Round) {
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(round);
+        set_round(&self.last, round);
     }
 
     /// (proposals made, writes they carried) so far.
@@ -200,14 +204,17 @@ fn cost(cmd: &Command) -> usize {
     }
 }
 
+/// Adds `p` to `batch`, counting its bytes.
+fn add(batch: &mut Vec<Pending>, bytes: &mut usize, p: Pending) {
+    *bytes += cost(&p.cmd);
+    batch.push(p);
+}
+
 /// Moves what is queued into `batch`, up to a batch's limits.
 fn take_queued(rx: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>, bytes: &mut usize) {
     while batch.len() < MAX_WRITES && *bytes < MAX_BYTES {
         match rx.try_recv() {
-            Ok(p) => {
-                *bytes += cost(&p.cmd);
-                batch.push(p);
-            }
+            Ok(p) => add(batch, bytes, p),
             Err(_) => break,
         }
     }
@@ -237,8 +244,7 @@ async fn run(
             while batch.len() < writes && bytes < MAX_BYTES {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(p)) => {
-                        bytes += cost(&p.cmd);
-                        batch.push(p);
+                        add(&mut batch, &mut bytes, p);
                         take_queued(&mut rx, &mut batch, &mut bytes);
                     }
                     // The deadline passed, or every sender is gone (the next `recv` ends the
@@ -316,7 +322,7 @@ async fn propose(raft: &Raft, batch: Vec<Pending>, last: &LastRound) {
         took: started.elapsed(),
         ended: Instant::now(),
     };
-    *last.lock().unwrap_or_else(|p| p.into_inner()) = Some(round);
+    set_round(last, round);
     for (done, r) in dones.into_iter().zip(results) {
         // A caller that gave up (deadline) no longer listens; that is fine.
         let _ = done.send(r);
